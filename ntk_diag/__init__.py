@@ -1,0 +1,47 @@
+"""ntk_diag: is your Flax network training in the lazy (kernel) regime?
+
+Pure math (no TensorFlow): ``empirical_ntk``, ``kernel_stats``,
+``jacobian_norm``, ``hessian_norm``, ``lazy_ratio``, ``linearize``,
+``kernel_predictor``. The training-loop hook (``LazyTrainingHook``) logs
+through CLU, which imports TensorFlow; it is loaded on first access.
+"""
+
+from ntk_diag.adapters import from_linen
+from ntk_diag.adapters import from_nnx
+from ntk_diag.checkpoint import load_initial_params
+from ntk_diag.kernel_stats import kernel_stats
+from ntk_diag.linearize import linearize
+from ntk_diag.norms import LazyReport
+from ntk_diag.norms import NormEstimate
+from ntk_diag.norms import hessian_norm
+from ntk_diag.norms import jacobian_norm
+from ntk_diag.norms import lazy_ratio
+from ntk_diag.ntk import empirical_ntk
+from ntk_diag.predict import kernel_predictor
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LazyReport",
+    "LazyTrainingHook",
+    "NormEstimate",
+    "empirical_ntk",
+    "from_linen",
+    "from_nnx",
+    "hessian_norm",
+    "jacobian_norm",
+    "kernel_predictor",
+    "kernel_stats",
+    "lazy_ratio",
+    "linearize",
+    "load_initial_params",
+)
+
+
+def __getattr__(name):
+  # The hook subclasses clu.periodic_actions.PeriodicAction, which imports
+  # TensorFlow; import it only when asked for.
+  if name == "LazyTrainingHook":
+    from ntk_diag.hooks import LazyTrainingHook
+    return LazyTrainingHook
+  raise AttributeError(f"module 'ntk_diag' has no attribute {name!r}")

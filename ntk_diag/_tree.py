@@ -1,0 +1,72 @@
+"""Pytree arithmetic: the one place where parameter-space vectors are combined.
+
+Parameters stay in the user's pytree layout (Flax dicts, ``nnx.State``);
+nothing here ravels them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """Euclidean inner product ``<a, b>`` summed over all leaves."""
+  parts = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
+  return sum(parts, jnp.zeros((), jnp.result_type(*parts) if parts else jnp.float32))
+
+
+def tree_sq_norm(a: PyTree) -> jax.Array:
+  """Squared Euclidean norm ``||a||^2`` over all leaves."""
+  return tree_vdot(a, a)
+
+
+def tree_norm(a: PyTree) -> jax.Array:
+  """Euclidean norm ``||a||`` over all leaves."""
+  return jnp.sqrt(tree_sq_norm(a))
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(scalar: jax.Array | float, a: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: (scalar * x).astype(x.dtype), a)
+
+
+def tree_axpy(scalar: jax.Array | float, x: PyTree, y: PyTree) -> PyTree:
+  """``scalar * x + y``."""
+  return jax.tree.map(lambda u, v: (scalar * u + v).astype(v.dtype), x, y)
+
+
+def tree_zeros_like(a: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_size(a: PyTree) -> int:
+  """Number of scalars in ``a`` (the parameter count ``P``)."""
+  return sum(int(x.size) for x in jax.tree.leaves(a))
+
+
+def tree_random_normal_like(key: jax.Array, a: PyTree) -> PyTree:
+  """Standard normal pytree with the structure, shapes and dtypes of ``a``."""
+  leaves, treedef = jax.tree.flatten(a)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  return jax.tree.unflatten(
+      treedef,
+      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def tree_normalize(a: PyTree) -> tuple[PyTree, jax.Array]:
+  """``(a / ||a||, ||a||)``; a zero vector is returned unchanged."""
+  norm = tree_norm(a)
+  safe = jnp.where(norm > 0, norm, 1.0)
+  return tree_scale(1.0 / safe, a), norm
