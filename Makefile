@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e '.[tf,tests,docs]'
+	$(PY) -m pip install -q -c constraints.txt --config-settings editable_mode=compat -e '.[tf,tests,docs]'
 	touch $(STAMP)
 
 test: venv
