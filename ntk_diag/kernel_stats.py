@@ -52,7 +52,8 @@ def kernel_stats(kernel: jax.Array, *, K0: jax.Array | None = None, y: jax.Array
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  """``num / den``, 0 where ``den == 0``; NaN stays NaN."""
+  return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
 
 
 def center(matrix: jax.Array) -> jax.Array:
@@ -79,9 +80,8 @@ def _stats(matrix, matrix0, targets, *, top_k):
     norm = jnp.linalg.norm(matrix)
     norm0 = jnp.linalg.norm(matrix0)
     out["kernel_drift"] = _safe_div(jnp.linalg.norm(matrix - matrix0), norm0)
-    out["kernel_distance"] = jnp.where(
-        norm * norm0 > 0,
-        jnp.maximum(1.0 - _safe_div(jnp.vdot(matrix, matrix0), norm * norm0), 0.0), 0.0)
+    cosine = _safe_div(jnp.vdot(matrix, matrix0), norm * norm0)
+    out["kernel_distance"] = jnp.where(norm * norm0 == 0, 0.0, jnp.clip(1.0 - cosine, 0.0, 2.0))
   if targets is not None:
     centered = center(matrix)
     y_centered = targets - targets.mean(axis=0, keepdims=True)

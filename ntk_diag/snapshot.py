@@ -1,0 +1,205 @@
+"""One diagnostics snapshot: every quantity the hook logs, in one jitted function.
+
+Pure JAX (no TensorFlow, no writer): :class:`SnapshotEngine` holds θ0, the
+probe set and the NTK at θ0 and compiles :meth:`SnapshotEngine.run` once per
+parameter structure. The hook (:mod:`ntk_diag.hooks`) only schedules and writes.
+
+Scalars (tags ``ntk_diag/<name>``):
+
+* always: ``residual_norm = ‖f(θ, X) − Y‖₂``, ``weight_change = ‖θ − θ0‖ / ‖θ0‖``
+  and ``weight_change/<layer>`` per top-level parameter group, ``nonfinite``.
+* NTK group: ``ntk_trace``, ``ntk_eig_max``, ``ntk_eig_min``,
+  ``ntk_condition_number``, ``kernel_drift``, ``kernel_distance``,
+  ``kernel_alignment`` (see :func:`ntk_diag.kernel_stats`) and
+  ``kernel_velocity = ‖K_t − K_prev‖_F / (‖K0‖_F · Δstep)`` between snapshots.
+* norms group: ``jacobian_norm``, ``hessian_norm``, ``kappa`` (seed eq. 3).
+* twin group: ``twin_gap = ‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖`` (0 when
+  ``f(θ) = f(θ0)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_diag import _model
+from ntk_diag import _tree
+from ntk_diag import _validation
+from ntk_diag import checkpoint
+from ntk_diag import norms
+from ntk_diag import ntk
+from ntk_diag.kernel_stats import kernel_stats
+from ntk_diag.linearize import linearize
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """Which groups of diagnostics a snapshot computes."""
+  ntk: bool = True
+  norms: bool = True
+  twin: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotConfig:
+  """Cost and method options of a snapshot.
+
+  The defaults keep one snapshot of a ~300k-parameter MLP on 256 probe points
+  well under a second on 2 CPU cores.
+
+  Attributes:
+    ntk_method: ``method`` of :func:`ntk_diag.empirical_ntk`.
+    ntk_trace_outputs: log the output-traced ``(n, n)`` kernel (cheap; its
+      spectrum has ``n`` values) instead of the full ``(n·k, n·k)`` one.
+    ntk_batch_size: ``batch_size`` of :func:`ntk_diag.empirical_ntk`.
+    norm_method: ``"lanczos"`` or ``"power"``.
+    num_iters: iteration cap of the norm estimators.
+    tol: relative tolerance of the norm estimators.
+    jacobian_examples: probe examples (the first ones) over which
+      ``sup_x ‖J_x‖`` is taken; ``None`` = all.
+    hessian_examples: probe examples (the first ones) over which
+      ``sup_x ‖∇²f(x)‖`` is taken; ``None`` = all. The Hessian costs
+      ``k · num_iters`` Hessian-vector products per example.
+    seed: seed of the estimators' random start vectors.
+  """
+  ntk_method: str = "auto"
+  ntk_trace_outputs: bool = True
+  ntk_batch_size: int | None = None
+  norm_method: str = "lanczos"
+  num_iters: int = 20
+  tol: float = 1e-3
+  jacobian_examples: int | None = None
+  hessian_examples: int | None = 8
+  seed: int = 0
+
+  def validate(self) -> None:
+    _validation.check_one_of("ntk_method", self.ntk_method, ntk.METHODS)
+    _validation.check_one_of("norm_method", self.norm_method, ("lanczos", "power"))
+    _validation.check_positive_int("ntk_batch_size", self.ntk_batch_size, optional=True)
+    _validation.check_positive_int("num_iters", self.num_iters)
+    _validation.check_positive_number("tol", self.tol)
+    _validation.check_positive_int("jacobian_examples", self.jacobian_examples, optional=True)
+    _validation.check_positive_int("hessian_examples", self.hessian_examples, optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineResult:
+  scalars: dict[str, float]
+  eigenvalues: np.ndarray | None
+  kernel: np.ndarray | None
+  finite: bool
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den``, 0 where ``den == 0``; NaN stays NaN."""
+  return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
+
+
+def layer_groups(params: PyTree) -> list[str]:
+  """Top-level parameter group of each leaf (``"Dense_0"``, ``"layers"``...)."""
+  return [name.split(".")[0] for name in checkpoint.leaf_names(params)]
+
+
+def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
+  """``‖θ − θ0‖ / ‖θ0‖`` globally (key ``weight_change``) and per top-level group."""
+  groups = layer_groups(theta0)
+  diffs = [jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(theta0))]
+  refs = [jnp.sum(jnp.square(b)) for b in jax.tree.leaves(theta0)]
+  out = {"weight_change": _safe_ratio(jnp.sqrt(sum(diffs)), jnp.sqrt(sum(refs)))}
+  for group in dict.fromkeys(groups):
+    num = sum(d for d, g in zip(diffs, groups) if g == group)
+    den = sum(r for r, g in zip(refs, groups) if g == group)
+    out[f"weight_change/{group}"] = _safe_ratio(jnp.sqrt(num), jnp.sqrt(den))
+  return out
+
+
+class SnapshotEngine:
+  """θ0, the probe set, K0, and the compiled snapshot function."""
+
+  def __init__(self, apply_fn: Callable, theta0: PyTree, probe_x: PyTree, probe_y: Any, *,
+               kernel0: Any, groups: Groups, config: SnapshotConfig):
+    self.apply_fn = apply_fn
+    self.groups = groups
+    self.config = config
+    # Private device copies: the training step may donate the caller's buffers.
+    self.theta0 = jax.tree.map(lambda a: jnp.array(a, copy=True), theta0)
+    self.probe_x = jax.tree.map(jnp.asarray, probe_x)
+    n = _validation.leading_size("probe_x", self.probe_x)
+    out_shape = _model.example_output_shape(apply_fn, self.theta0, self.probe_x)
+    _validation.check_targets("probe_y", probe_y, (n,) + out_shape)
+    self.probe_y = jnp.asarray(probe_y).reshape((n,) + out_shape)
+    self.f0 = jax.jit(apply_fn)(self.theta0, self.probe_x)
+    self._compute = jax.jit(self._snapshot)
+    self.kernel0 = None
+    if groups.ntk:
+      self.kernel0 = (jnp.asarray(kernel0) if kernel0 is not None
+                      else self._kernel(self.theta0, self.probe_x))
+    self._prev_kernel = self.kernel0
+    self._prev_step: int | None = None
+
+  def _kernel(self, params: PyTree, x: PyTree) -> jax.Array:
+    return ntk.empirical_ntk(self.apply_fn, params, x, trace_outputs=self.config.ntk_trace_outputs,
+                             method=self.config.ntk_method, batch_size=self.config.ntk_batch_size)
+
+  def run(self, params: PyTree, step: int) -> EngineResult:
+    """Computes one snapshot at ``params`` (one compiled call, then host transfer)."""
+    step_delta = 1.0 if self._prev_step is None else float(max(step - self._prev_step, 1))
+    out = self._compute(params, self.theta0, self.f0, self.kernel0, self._prev_kernel,
+                        jnp.float32(step_delta), self.probe_x, self.probe_y)
+    scalars, extras = jax.device_get(out)
+    scalars = {name: float(value) for name, value in scalars.items()}
+    finite = all(np.isfinite(v) for v in scalars.values())
+    scalars["nonfinite"] = 0.0 if finite else 1.0
+    if self.groups.ntk:
+      self._prev_kernel = out[1]["kernel"]
+    self._prev_step = step
+    return EngineResult(scalars=scalars, eigenvalues=extras.get("eigenvalues"),
+                        kernel=extras.get("kernel"), finite=finite)
+
+  def _snapshot(self, params, theta0, f0, kernel0, prev_kernel, step_delta, x, y):
+    cfg = self.config
+    n = y.shape[0]
+    outputs = self.apply_fn(params, x)
+    residual_norm = jnp.linalg.norm((outputs - y).reshape(-1))
+    scalars = {"residual_norm": residual_norm}
+    scalars.update(weight_change(params, theta0))
+    extras = {}
+    if self.groups.ntk:
+      kernel = self._kernel(params, x)
+      stats = kernel_stats(kernel, K0=kernel0, y=y.reshape(n, -1),
+                                            top_k=kernel_size(kernel))
+      for name in ("trace", "eig_max", "eig_min", "condition_number"):
+        scalars[f"ntk_{name}"] = stats[name]
+      for name in ("kernel_drift", "kernel_distance", "kernel_alignment"):
+        scalars[name] = stats[name]
+      scalars["kernel_velocity"] = _safe_ratio(
+          jnp.linalg.norm((kernel - prev_kernel).reshape(-1)),
+          jnp.linalg.norm(kernel0.reshape(-1)) * step_delta)
+      extras = {"kernel": kernel, "eigenvalues": stats["eigenvalues"]}
+    if self.groups.norms:
+      key = jax.random.key(cfg.seed)
+      norm_kwargs = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method, key=key)
+      x_jac = _model.take(x, jnp.arange(min(n, cfg.jacobian_examples or n)))
+      x_hess = _model.take(x, jnp.arange(min(n, cfg.hessian_examples or n)))
+      jac = norms.jacobian_norm(self.apply_fn, params, x_jac, **norm_kwargs)
+      hess = norms.hessian_norm(self.apply_fn, params, x_hess, **norm_kwargs)
+      scalars["jacobian_norm"] = jac.value
+      scalars["hessian_norm"] = hess.value
+      scalars["kappa"] = _safe_ratio(hess.value * residual_norm, jnp.square(jac.value))
+    if self.groups.twin:
+      twin = linearize(self.apply_fn, theta0)(params, x)
+      scalars["twin_gap"] = _safe_ratio(jnp.linalg.norm((outputs - twin).reshape(-1)),
+                                        jnp.linalg.norm((outputs - f0).reshape(-1)))
+    return scalars, extras
+
+
+def kernel_size(kernel: jax.Array) -> int:
+  """Side of the kernel matrix after reduction to ``(n·k, n·k)``."""
+  return kernel.shape[0] * (kernel.shape[2] if kernel.ndim == 4 else 1)
