@@ -1,0 +1,215 @@
+"""nd.kernel_predictor against gradient descent on the linearized twin and dense solves."""
+
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntk_diag as nd
+
+predict_module = importlib.import_module("ntk_diag.predict")
+
+N_TRAIN, N_TEST, K_OUT = 6, 5, 3
+
+
+class MLP(nn.Module):
+  features: int = K_OUT
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(32)(x))
+    out = nn.Dense(self.features)(x)
+    return out[:, 0] if self.features == 1 else out
+
+
+def _problem(features=K_OUT, seed=0):
+  kx, kt, ky, kp = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x_train = jax.random.normal(kx, (N_TRAIN, 4))
+  x_test = jax.random.normal(kt, (N_TEST, 4))
+  y_shape = (N_TRAIN,) if features == 1 else (N_TRAIN, features)
+  y = jax.random.normal(ky, y_shape)
+  module = MLP(features)
+  apply_fn, params = nd.from_linen(module, module.init(kp, x_train))
+  return dict(apply_fn=apply_fn, params=params, x_train=x_train, x_test=x_test, y=y,
+              k_train=nd.empirical_ntk(apply_fn, params, x_train),
+              k_test=nd.empirical_ntk(apply_fn, params, x_test, x_train),
+              f0_train=apply_fn(params, x_train), f0_test=apply_fn(params, x_test))
+
+
+@pytest.fixture(scope="module")
+def full():
+  return _problem(K_OUT)
+
+
+@pytest.fixture(scope="module")
+def scalar():
+  return _problem(1, seed=1)
+
+
+def _gradient_descent(p, learning_rate, steps):
+  """``steps`` steps of full-batch GD with the SUM loss on the linearized twin."""
+  apply_lin = nd.linearize(p["apply_fn"], p["params"])
+  loss = lambda params: 0.5 * jnp.sum((apply_lin(params, p["x_train"]) - p["y"]) ** 2)
+
+  @jax.jit
+  def run(params):
+    step = lambda _, q: jax.tree.map(lambda a, g: a - learning_rate * g, q, jax.grad(loss)(q))
+    return jax.lax.fori_loop(0, steps, step, params)
+
+  params = run(p["params"])
+  return apply_lin(params, p["x_train"]), apply_lin(params, p["x_test"])
+
+
+def _rel(got, want, ref):
+  return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want - ref))
+
+
+def _lam_max(p):
+  from ntk_diag import _layout
+  return float(jnp.linalg.eigvalsh(_layout.kernel_to_matrix(p["k_train"]))[-1])
+
+
+@pytest.mark.parametrize("name", ["full", "scalar"])
+def test_finite_time_matches_gradient_descent(name, request):
+  p = request.getfixturevalue(name)
+  assert p["k_train"].ndim == (4 if name == "full" else 2)
+  lr = 0.01 / _lam_max(p)  # η·λ_max = 0.01: GD ≈ gradient flow
+  steps = 300
+  gd_train, gd_test = _gradient_descent(p, lr, steps)
+  predict = nd.kernel_predictor(p["k_train"], p["y"], learning_rate=lr)
+  train = predict(steps, p["f0_train"])
+  test = predict(steps, p["f0_train"], p["f0_test"], p["k_test"])
+  assert train.shape == p["y"].shape and test.shape == p["f0_test"].shape
+  assert _rel(train, gd_train, p["f0_train"]) < 2e-2
+  assert _rel(test, gd_test, p["f0_test"]) < 2e-2
+  # ... and training has moved the outputs (the comparison is not vacuous).
+  assert float(jnp.linalg.norm(train - p["f0_train"])) > 0.5
+
+
+def _dense_interpolator(k_train, k_test, y, f0_train, f0_test):
+  from ntk_diag import _layout
+  kxx = np.asarray(_layout.kernel_to_matrix(k_train), np.float64)
+  kx = np.asarray(_layout.kernel_to_matrix(k_test), np.float64)
+  r = np.asarray(y, np.float64) - np.asarray(f0_train, np.float64)
+  r = r.reshape(kxx.shape[0], -1)
+  return np.asarray(f0_test, np.float64) + (kx @ np.linalg.solve(kxx, r)).reshape(
+      np.shape(f0_test))
+
+
+@pytest.mark.parametrize("name", ["full", "scalar"])
+def test_infinite_time_matches_dense_solve(name, request):
+  p = request.getfixturevalue(name)
+  predict = nd.kernel_predictor(p["k_train"], p["y"])
+  want = _dense_interpolator(p["k_train"], p["k_test"], p["y"], p["f0_train"], p["f0_test"])
+  got = predict(None, p["f0_train"], p["f0_test"], p["k_test"])
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+  np.testing.assert_allclose(predict(f0_train=p["f0_train"]), p["y"], rtol=1e-6)
+  # Long finite time approaches t = ∞.
+  np.testing.assert_allclose(predict(1e7, p["f0_train"], p["f0_test"], p["k_test"]), got,
+                             rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+def test_two_dimensional_kernel_is_per_output(scalar):
+  p = scalar
+  y2 = jnp.stack([p["y"], -2.0 * p["y"], p["y"] + 1.0], axis=1)  # (n, 3)
+  f0_tr = jnp.stack([p["f0_train"]] * 3, axis=1)
+  f0_te = jnp.stack([p["f0_test"]] * 3, axis=1)
+  eye = jnp.eye(3)
+  k4_train = p["k_train"][:, :, None, None] * eye  # K ⊗ I: uncoupled outputs
+  k4_test = p["k_test"][:, :, None, None] * eye
+  lr = 0.1 / _lam_max(p)
+  two_d = nd.kernel_predictor(p["k_train"], y2, learning_rate=lr)
+  four_d = nd.kernel_predictor(k4_train, y2, learning_rate=lr)
+  for t in (None, 5.0):
+    got2 = two_d(t, f0_tr, f0_te, p["k_test"])
+    got4 = four_d(t, f0_tr, f0_te, k4_test)
+    assert got2.shape == got4.shape == (N_TEST, 3)
+    np.testing.assert_allclose(got2, got4, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(two_d(t, f0_tr), four_d(t, f0_tr), rtol=1e-4, atol=1e-4)
+    single = nd.kernel_predictor(p["k_train"], y2[:, 1], learning_rate=lr)
+    np.testing.assert_allclose(got2[:, 1], single(t, f0_tr[:, 1], f0_te[:, 1], p["k_test"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_eigendecomposition_and_cholesky_are_cached(full, monkeypatch):
+  calls = {"eigh": 0, "chol": 0}
+  eigh, chol = predict_module._eigh, predict_module._cholesky
+
+  def counting(name, fn):
+    def wrapped(m):
+      calls[name] += 1
+      return fn(m)
+    return wrapped
+
+  monkeypatch.setattr(predict_module, "_eigh", counting("eigh", eigh))
+  monkeypatch.setattr(predict_module, "_cholesky", counting("chol", chol))
+  predict = nd.kernel_predictor(full["k_train"], full["y"], learning_rate=0.01)
+  assert calls == {"eigh": 0, "chol": 0}  # lazy
+  eager = predict(3.0, full["f0_train"], full["f0_test"], full["k_test"])
+  predict(7.0, full["f0_train"])
+  jitted = jax.jit(lambda t: predict(t, full["f0_train"], full["f0_test"], full["k_test"]))
+  np.testing.assert_allclose(jitted(3.0), eager, rtol=1e-5, atol=1e-6)
+  jax.vmap(lambda t: predict(t, full["f0_train"]))(jnp.array([1.0, 2.0]))
+  predict(None, 0.0, 0.0, full["k_test"])
+  predict(None, full["f0_train"], full["f0_test"], full["k_test"])
+  assert calls == {"eigh": 1, "chol": 1}
+
+
+def test_predictor_built_under_jit(scalar):
+  p = scalar
+  eager = nd.kernel_predictor(p["k_train"], p["y"])(2.0, 0.0, 0.0, p["k_test"])
+  traced = jax.jit(lambda k, y, kx: nd.kernel_predictor(k, y)(2.0, 0.0, 0.0, kx))(
+      p["k_train"], p["y"], p["k_test"])
+  np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_singular_kernel(scalar):
+  p = scalar
+  x = jnp.concatenate([p["x_train"], p["x_train"][:1]])  # a duplicated point
+  y = jnp.concatenate([p["y"], p["y"][:1]])
+  k = nd.empirical_ntk(p["apply_fn"], p["params"], x)
+  kx = nd.empirical_ntk(p["apply_fn"], p["params"], p["x_test"], x)
+  predict = nd.kernel_predictor(k, y)
+  with pytest.raises(ValueError, match=r"singular.*ridge="):
+    predict(None, 0.0, 0.0, kx)
+  with pytest.raises(ValueError, match="singular"):
+    predict()
+  assert bool(jnp.all(jnp.isfinite(predict(10.0, 0.0, 0.0, kx))))  # finite t is well defined
+  ridged = nd.kernel_predictor(k, y, ridge=1e-3 * float(jnp.trace(k)))(None, 0.0, 0.0, kx)
+  assert bool(jnp.all(jnp.isfinite(ridged)))
+  with pytest.raises(ValueError, match="positive semi-definite"):
+    nd.kernel_predictor(-k, y)
+  with pytest.raises(ValueError, match="symmetric"):
+    nd.kernel_predictor(k + jnp.triu(jnp.ones_like(k)), y)
+  with pytest.raises(ValueError, match="singular"):
+    nd.kernel_predictor(jnp.zeros((3, 3)), jnp.ones(3))()
+
+
+def test_validation(full, scalar):
+  k4, y4, kx4 = full["k_train"], full["y"], full["k_test"]
+  k2, y2, kx2 = scalar["k_train"], scalar["y"], scalar["k_test"]
+  bad = [
+      (lambda: nd.kernel_predictor(k2[:, :4], y2), "square"),
+      (lambda: nd.kernel_predictor(k2[None], y2), "2-D"),
+      (lambda: nd.kernel_predictor(k2, y2[:4]), "y_train.*n = 6"),
+      (lambda: nd.kernel_predictor(k4, y4[:, :2]), "k = 3"),
+      (lambda: nd.kernel_predictor(k4, y4, learning_rate=0.0), "learning_rate"),
+      (lambda: nd.kernel_predictor(k4, y4, ridge=-1.0), "ridge"),
+      (lambda: nd.kernel_predictor(k4, y4)(-1.0), "`t`"),
+      (lambda: nd.kernel_predictor(k4, y4)(1.0, y4[:3]), "f0_train"),
+      (lambda: nd.kernel_predictor(k4, y4)(1.0, 0.0, full["f0_test"]), "f0_test"),
+      (lambda: nd.kernel_predictor(k4, y4)(1.0, 0.0, full["f0_test"][:2], kx4), "f0_test"),
+      (lambda: nd.kernel_predictor(k4, y4)(1.0, 0.0, 0.0, kx4[:, :4]), "k_test_train"),
+      (lambda: nd.kernel_predictor(k4, y4)(1.0, 0.0, 0.0, kx2), "k_test_train"),
+      (lambda: nd.kernel_predictor(k2, y2)(None, 0.0, 0.0, kx4), r"\(m, 6\)"),
+  ]
+  for fn, match in bad:
+    with pytest.raises(ValueError, match=match):
+      fn()
+  with pytest.raises(TypeError, match="`t`"):
+    nd.kernel_predictor(k2, y2)("soon")
+  with pytest.raises(TypeError, match="k_train_train"):
+    nd.kernel_predictor([[1.0]], [1.0])
