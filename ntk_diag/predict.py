@@ -1,25 +1,7 @@
 """Kernel predictor: the linearized network trained by gradient flow, in closed form.
 
-For the linearized network ``f_lin(θ, x) = f(θ0, x) + J_x(θ0)(θ − θ0)`` and
-the SUM-of-squares loss ``L(θ) = ½‖f(X) − y‖²`` over all ``n·k`` training
-entries, gradient flow ``dθ/dt = −η ∇L(θ)`` has the solution
-
-  ``f_t(X) = f0(X) + (I − e^{−η t K})(y − f0(X))``,
-  ``f_t(x) = f0(x) + K_{xX} K⁻¹ (I − e^{−η t K})(y − f0(X))``,
-
-with ``K = K_{XX}`` the empirical NTK at ``θ0`` (``K + ridge·I`` in its place).
-``t = ∞`` gives the interpolator ``f0(x) + K_{xX} K⁻¹ (y − f0(X))``.
-
-Time: ``η t`` is the total "learning rate × steps". Full-batch gradient
-descent with step ``η`` on the sum loss, run for ``s`` steps, is approximated
-by ``learning_rate=η, t=s``; the approximation is accurate when
-``η·λ_max(K) ≪ 1`` (GD multiplies each eigenmode by ``(1 − ηλ)^s``, the flow
-by ``e^{−ηλs}``).
-
-Loss convention: with a MEAN loss ``½·mean(‖f − y‖²)`` over ``N`` entries
-(e.g. ``optax.l2_loss(...).mean()``) the gradient is ``1/N`` times that of the
-sum loss, so pass ``learning_rate = lr / N`` (``N = n·k`` for a mean over all
-entries, ``N = n`` for a mean over examples of a per-example sum).
+The formulas, the time convention and the loss convention are stated once, in
+the docstring of :func:`kernel_predictor`.
 """
 
 from __future__ import annotations
@@ -44,12 +26,31 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
                      learning_rate: float = 1.0, ridge: float = 0.0) -> Callable[..., jax.Array]:
   """Closed-form predictions of the linearized network under gradient flow.
 
+  For the linearized network ``f_lin(θ, x) = f(θ0, x) + J_x(θ0)(θ − θ0)`` and
+  the SUM-of-squares loss ``L(θ) = ½‖f(X) − y‖²`` over all training entries,
+  gradient flow ``dθ/dt = −η ∇L(θ)`` gives, with ``K = K_XX`` the NTK at ``θ0``,
+
+  * train: ``f_t(X) = f0(X) + (I − e^{−η t K})(y − f0(X))``,
+  * test: ``f_t(x) = f0(x) + K_xX K⁻¹ (I − e^{−η t K})(y − f0(X))``,
+
+  with ``K + ridge·I`` in place of ``K``; ``t = ∞`` gives the interpolator
+  ``f0(x) + K_xX K⁻¹ (y − f0(X))``.
+
+  Time: ``η·t`` is learning rate × steps. ``s`` steps of full-batch gradient
+  descent with step ``η`` on the sum loss correspond to ``learning_rate=η``,
+  ``t=s``; the match is close when ``η·λ_max(K) ≪ 1`` (GD scales each
+  eigenmode by ``(1 − ηλ)^s``, the flow by ``e^{−ηλs}``).
+
+  Loss convention: a MEAN loss ``½·mean((f − y)²)`` over ``N`` entries (e.g.
+  ``optax.l2_loss(f, y).mean()`` up to its factor) has ``1/N`` times the
+  gradient of the sum loss, so pass ``learning_rate = lr / N``.
+
   Two kernel layouts are accepted:
 
   * full: ``k_train_train`` of shape ``(n, n, k, k)`` (``empirical_ntk``'s
     default), with ``y_train`` of shape ``(n, *out)``, ``prod(out) = k``. The
-    kernel is used as the ``(n·k, n·k)`` matrix of :mod:`ntk_diag._layout`
-    and ``y`` is flattened row-major, so outputs are coupled through ``K``.
+    kernel is used as an ``(n·k, n·k)`` matrix and ``y`` is flattened
+    row-major, so outputs are coupled through ``K``.
   * 2-D: ``k_train_train`` of shape ``(n, n)``, with ``y_train`` of shape
     ``(n,)`` or ``(n, *out)``; the same kernel is applied to every output
     independently. For a kernel from ``empirical_ntk(..., trace_outputs=True)``
@@ -57,42 +58,40 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
 
   At construction the kernel is checked in float64 on the host: it must be
   finite, symmetric and positive semi-definite (eigenvalues ``≥ −tol``,
-  ``tol = N·eps·λ_max`` with ``N = n·k`` or ``n`` and ``eps`` the machine
+  ``tol = N·eps·λ_max`` with ``N`` the matrix size and ``eps`` the machine
   epsilon of the kernel's dtype), else ``ValueError``. A kernel that is PSD
-  but singular (``λ_min ≤ tol``, e.g. duplicated training points) is fine for
+  but singular (``λ_min ≤ tol``, e.g. duplicated training points) is fine at
   finite ``t``; ``predict(t=None)`` then raises ``ValueError`` suggesting a
   ``ridge``. When ``kernel_predictor`` is itself traced (called inside
   ``jax.jit``) these checks are skipped.
 
   Args:
-    k_train_train: ``(n, n, k, k)`` or ``(n, n)`` kernel ``K`` on the training inputs.
+    k_train_train: ``(n, n, k, k)`` or ``(n, n)`` kernel on the training inputs.
     y_train: training targets, ``(n, *out)`` (or ``(n,)`` for a 2-D kernel).
-    learning_rate: ``η > 0`` of gradient descent on the SUM loss
-      ``½‖f(X) − y‖²`` (see the module docstring for mean losses).
-    ridge: ``λ ≥ 0``; ``K + λ·I`` replaces ``K`` in every formula. It
-      regularises the ``t=None`` solve of ill-conditioned kernels; it also damps
-      the dynamics (``e^{−ηt(K + λI)}``), so keep ``η·t·λ ≪ 1`` to stay close
-      to the unregularised flow at finite ``t``.
+    learning_rate: ``η > 0`` of gradient descent on the SUM loss.
+    ridge: ``λ ≥ 0``, added to the diagonal of the train kernel. It
+      regularises the ``t=None`` solve of ill-conditioned kernels; it also
+      damps the dynamics (``e^{−ηt(K + λI)}``), so keep ``η·t·λ ≪ 1`` to stay
+      close to the unregularised flow at finite ``t``.
 
   Returns:
-    ``predict(t=None, f0_train=0., f0_test=0., k_test_train=None)``:
+    The function ``predict(t=None, f0_train=0., f0_test=0., k_test_train=None)``
+    with arguments
 
-    * ``t``: training time (``η t`` = learning rate × steps), ``≥ 0``;
-      ``None`` (or ``inf``) means ``t = ∞``. May be a traced scalar.
-    * ``f0_train``: network outputs at ``θ0`` on the training inputs, a scalar
-      or an array of ``y_train``'s shape.
-    * ``f0_test``: network outputs at ``θ0`` on the test inputs, a scalar or
-      ``(m, *out)``; only used with ``k_test_train``.
-    * ``k_test_train``: ``(m, n, k, k)`` (full) or ``(m, n)`` (2-D) kernel
+    * ``t``, the training time ``≥ 0``; ``None`` (or ``inf``) means
+      ``t = ∞``. It may be a traced scalar (``jax.jit``, ``jax.vmap``).
+    * ``f0_train``, the network outputs at ``θ0`` on the training inputs, a
+      scalar or an array of ``y_train``'s shape.
+    * ``f0_test``, the network outputs at ``θ0`` on the test inputs, a scalar
+      or ``(m, *out)``; only used with ``k_test_train``.
+    * ``k_test_train``, the ``(m, n, k, k)`` (full) or ``(m, n)`` (2-D) kernel
       between test and training inputs, in the layout of ``k_train_train``.
 
-    It returns ``f_t(X)`` of ``y_train``'s shape when ``k_test_train`` is None
-    (with ``ridge = 0`` and ``t = None`` that is ``y_train`` itself), else
-    ``f_t(x)`` of shape ``(m, *out)``.
-
-    Finite ``t`` uses one eigendecomposition of ``K + λI`` and ``t = None`` one
-    Cholesky factorisation; each is computed on first use and reused by later
-    calls. All products use ``Precision.HIGHEST``.
+    ``predict`` returns ``f_t(X)`` of ``y_train``'s shape when
+    ``k_test_train`` is None (at ``t = None`` that is ``y_train`` itself), else
+    ``f_t(x)`` of shape ``(m, *out)``. Finite ``t`` uses one
+    eigendecomposition of ``K + λI``, ``t = None`` one Cholesky factorisation;
+    each is computed on first use and reused by later calls.
   """
   _validation.check_float_array("k_train_train", k_train_train)
   _validation.check_float_array("y_train", y_train)
