@@ -1,0 +1,48 @@
+"""Independent dense references used by the tests (one place).
+
+The NTK is rebuilt from a dense Jacobian on ravelled parameters
+(``jax.flatten_util.ravel_pytree`` + ``jax.jacrev``), in float64 NumPy for the
+contraction, so the library is never compared only against itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+
+def dense_jacobian(apply_fn, params, x) -> np.ndarray:
+  """``(n, k, P)`` Jacobian of the outputs w.r.t. the ravelled parameters."""
+  flat, unravel = ravel_pytree(params)
+  n = jax.tree.leaves(x)[0].shape[0]
+
+  def f(flat_params):
+    return apply_fn(unravel(flat_params), x).reshape(n, -1)
+
+  jac = jax.jit(jax.jacrev(f))(flat)  # (n, k, P)
+  return np.asarray(jac, dtype=np.float64)
+
+
+def dense_ntk(apply_fn, params, x1, x2=None, *, trace_outputs=False) -> np.ndarray:
+  """``K_ref[i, j, a, b] = J1[i, a] · J2[j, b]`` (or its output trace), float64."""
+  j1 = dense_jacobian(apply_fn, params, x1)
+  j2 = j1 if x2 is None else dense_jacobian(apply_fn, params, x2)
+  if trace_outputs:
+    return np.einsum("iap,jap->ij", j1, j2)
+  return np.einsum("iap,jbp->ijab", j1, j2)
+
+
+def rel_fro_error(actual, expected) -> float:
+  """``‖actual − expected‖_F / ‖expected‖_F`` in float64."""
+  actual = np.asarray(actual, dtype=np.float64)
+  expected = np.asarray(expected, dtype=np.float64)
+  if actual.shape != expected.shape:
+    raise AssertionError(f"shape mismatch: {actual.shape} != {expected.shape}")
+  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def assert_close_fro(actual, expected, tol=2e-4):
+  err = rel_fro_error(actual, expected)
+  assert err <= tol, f"relative Frobenius error {err:.3e} > {tol:.1e}"
