@@ -1,0 +1,208 @@
+"""`method="structured"` against the dense ravel_pytree/jacrev reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ntk_diag as nd
+from ntk_diag import structured
+from reference import assert_close_fro, dense_ntk
+
+# ------------------------------------------------------------------------ models
+
+
+class MLP(nn.Module):
+  widths: tuple = (6, 5, 3)
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    for w in self.widths[:-1]:
+      x = jnp.tanh(nn.Dense(w, use_bias=self.use_bias)(x))
+    return nn.Dense(self.widths[-1], use_bias=self.use_bias)(x)
+
+
+class CNN(nn.Module):
+  padding: str = "SAME"
+  strides: int = 1
+  groups: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), padding=self.padding, strides=self.strides)(x))
+    x = nn.Conv(4, (2, 2), padding=self.padding, feature_group_count=self.groups)(x)
+    x = jnp.tanh(x).reshape(x.shape[0], -1)
+    return nn.Dense(3)(x)
+
+
+class EmbedDense(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(7, 4)(tokens)  # (n, L, 4)
+    h = jnp.tanh(nn.Dense(5)(h))  # Dense over a sequence: positions summed
+    return nn.Dense(2)(h.mean(axis=1))
+
+
+class NormResidual(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(5)(x)
+    h = nn.LayerNorm()(h)
+    h = h + nn.Dense(5)(jax.nn.gelu(h))  # residual
+    return nn.Dense(2)(h)
+
+
+class Shared(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(4)
+    h = jnp.tanh(dense(x))
+    h = jnp.tanh(dense(h))  # the same weights twice
+    return nn.Dense(3)(h)
+
+
+class Heads(nn.Module):
+  """Per-head weights: a parameter with a dot_general batch dimension."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(1.0), (2, 4, 3))
+    h = jnp.tanh(jnp.einsum("nhi,hio->nho", x.reshape(x.shape[0], 2, 4), w))
+    return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+
+def _linen(module, x):
+  variables = module.init(jax.random.PRNGKey(0), x)
+  return nd.from_linen(module, variables)
+
+
+def _inputs(shape, seed=1):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+CASES = {
+    "mlp": lambda: (*_linen(MLP(), _inputs((5, 4))), _inputs((3, 4), 2)),
+    "mlp_no_bias": lambda: (*_linen(MLP(use_bias=False), _inputs((5, 4))), _inputs((3, 4), 2)),
+    "cnn_same": lambda: (*_linen(CNN(), _inputs((3, 5, 5, 2))), _inputs((2, 5, 5, 2), 2)),
+    "cnn_valid_strided_grouped": lambda: (
+        *_linen(CNN("VALID", 2, 2), _inputs((3, 7, 7, 2))), _inputs((2, 7, 7, 2), 2)),
+    "embed_dense": lambda: (
+        *_linen(EmbedDense(), jnp.zeros((4, 3), jnp.int32)),
+        jax.random.randint(jax.random.PRNGKey(3), (3, 3), 0, 7)),
+    "norm_residual": lambda: (*_linen(NormResidual(), _inputs((4, 3))), _inputs((3, 3), 2)),
+    "shared": lambda: (*_linen(Shared(), _inputs((4, 4))), _inputs((3, 4), 2)),
+    "heads": lambda: (*_linen(Heads(), _inputs((4, 8))), _inputs((3, 8), 2)),
+}
+
+
+def _case(name):
+  apply_fn, params, x2 = CASES[name]()
+  if name == "embed_dense":
+    x1 = jax.random.randint(jax.random.PRNGKey(4), (4, 3), 0, 7)
+  else:
+    x1 = _inputs((4,) + x2.shape[1:], 5)
+  return apply_fn, params, x1, x2
+
+
+# ------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("trace_outputs", [False, True])
+def test_matches_dense_reference(name, trace_outputs):
+  apply_fn, params, x1, x2 = _case(name)
+  assert structured.applies(apply_fn, params, x1)
+  for other in (None, x2):
+    got = nd.empirical_ntk(apply_fn, params, x1, other, trace_outputs=trace_outputs,
+                           method="structured")
+    assert_close_fro(got, dense_ntk(apply_fn, params, x1, other, trace_outputs=trace_outputs))
+
+
+@pytest.mark.parametrize("trace_outputs", [False, True])
+def test_blocks_match_unblocked(trace_outputs):
+  apply_fn, params, x1, x2 = _case("cnn_same")
+  x1 = jnp.concatenate([x1, x1[:1] * 0.5])
+  expected = dense_ntk(apply_fn, params, x1, x2, trace_outputs=trace_outputs)
+  got = nd.empirical_ntk(apply_fn, params, x1, x2, trace_outputs=trace_outputs,
+                         method="structured", batch_size=2)
+  assert_close_fro(got, expected)
+
+
+def test_nnx_linear():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(4, 6, rngs=rngs)
+      self.l2 = nnx.Linear(6, 3, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  apply_fn, params = nd.from_nnx(Net(nnx.Rngs(0)))
+  x = _inputs((5, 4))
+  assert structured.applies(apply_fn, params, x)
+  assert_close_fro(nd.empirical_ntk(apply_fn, params, x, method="structured"),
+                   dense_ntk(apply_fn, params, x))
+
+
+def test_raw_function_with_reused_and_unrecognised_leaves():
+  # `w` is used by a matmul and elementwise: it falls back. `u @ u` uses one leaf
+  # in two layouts (lhs and rhs): it falls back too. `v` stays structured.
+  def apply_fn(p, x):
+    h = jnp.sin(x @ p["w"]) * p["w"].sum()
+    h = h @ (p["u"] @ p["u"])
+    return jnp.tanh(h) @ p["v"]
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {"w": jax.random.normal(keys[0], (3, 4)), "u": jax.random.normal(keys[1], (4, 4)) / 2,
+            "v": jax.random.normal(keys[2], (4, 2))}
+  x = _inputs((4, 3))
+  plan = structured._analyse(structured._trace(apply_fn, params, x))
+  leaves = list(jax.tree_util.tree_flatten_with_path(params)[0])
+  names = [path[0].key for path, _ in leaves]
+  assert [names[g.leaf] for g in plan.groups] == ["v"]
+  assert sorted(names[i] for i in plan.fallback) == ["u", "w"]
+  for trace_outputs in (False, True):
+    assert_close_fro(nd.empirical_ntk(apply_fn, params, x, method="structured",
+                                      trace_outputs=trace_outputs),
+                     dense_ntk(apply_fn, params, x, trace_outputs=trace_outputs))
+
+
+def test_scalar_output_and_auto_choice():
+  apply_fn, params = _linen(MLP(widths=(5, 1)), _inputs((3, 4)))
+  x = _inputs((4, 4))
+  f = lambda p, x: apply_fn(p, x)[:, 0]
+  got = nd.empirical_ntk(f, params, x, method="structured")
+  assert got.shape == (4, 4)
+  assert_close_fro(got, dense_ntk(f, params, x, trace_outputs=True))
+  assert nd.ntk.choose_method(f, params, x, 4, 4, 1, 31, False) == "structured"
+
+
+def test_no_structure_falls_back_to_jacobian():
+  apply_fn = lambda p, x: jnp.sin(x * p["a"]).sum(-1, keepdims=True)
+  params = {"a": jnp.arange(3.0)}
+  x = _inputs((4, 3))
+  assert not structured.applies(apply_fn, params, x)
+  np.testing.assert_allclose(
+      nd.empirical_ntk(apply_fn, params, x, method="structured"),
+      nd.empirical_ntk(apply_fn, params, x, method="jacobian"), rtol=1e-5)
+
+
+def test_layer_kernel_orders_agree():
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  a1, a2 = jax.random.normal(keys[0], (3, 2, 5, 4)), jax.random.normal(keys[1], (2, 2, 5, 4))
+  g1, g2 = jax.random.normal(keys[2], (3, 3, 2, 5, 6)), jax.random.normal(keys[3], (2, 3, 2, 5, 6))
+  for trace_outputs in (False, True):
+    spec = "igsc,jgtc,iagso,jagto->ij" if trace_outputs else "igsc,jgtc,iagso,jbgto->ijab"
+    expected = np.einsum(spec, *map(np.asarray, (a1, a2, g1, g2)))
+    gram = structured._layer_kernel(a1, g1, a2, g2, trace_outputs)
+    old = structured._MAX_GRAM_ELEMENTS
+    structured._MAX_GRAM_ELEMENTS = 0  # force the Jacobian order
+    try:
+      jac = structured._layer_kernel(a1, g1, a2, g2, trace_outputs)
+    finally:
+      structured._MAX_GRAM_ELEMENTS = old
+    assert_close_fro(gram, expected)
+    assert_close_fro(jac, expected)
