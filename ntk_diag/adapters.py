@@ -62,8 +62,13 @@ def from_nnx(model: Any, **call_kwargs: Any) -> tuple[ApplyFn, PyTree]:
   if not isinstance(model, nnx.Module):
     raise TypeError(f"`model` must be an nnx.Module; got {type(model).__name__}.")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # The split states hold `model`'s own Variable objects. Snapshot them, and
+  # merge into fresh copies on every call, so that neither a stateful call
+  # (e.g. BatchNorm in train mode, which would also raise a TraceContextError
+  # under jit) nor later in-place training of `model` reaches across.
+  params, rest = jax.tree.map(lambda leaf: leaf, (params, rest))
 
   def apply_fn(params: PyTree, x: Any) -> jax.Array:
-    return nnx.merge(graphdef, params, rest)(x, **call_kwargs)
+    return nnx.merge(graphdef, params, rest, copy=True)(x, **call_kwargs)
 
   return apply_fn, params
