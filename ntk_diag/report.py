@@ -1,0 +1,134 @@
+"""Offline report of a run: plots and a Markdown summary from the event files.
+
+Reads what :class:`~ntk_diag.LazyTrainingHook` wrote (clu's TensorBoard writer
+stores scalars and histograms as tensors) from every run directory under
+``RUN_DIR`` and writes ``report.md`` plus PNG plots into ``--out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+TAG_PREFIX = "ntk_diag/"
+PLOTTED = ("kappa", "kernel_drift", "twin_gap", "weight_change")
+
+
+@dataclasses.dataclass
+class RunData:
+  name: str
+  scalars: dict[str, tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values)
+  spectrum: tuple[int, np.ndarray] | None             # (step, histogram buckets (b, 3))
+
+
+def find_runs(root: str) -> list[str]:
+  """Directories under ``root`` (itself included) that hold event files."""
+  runs = []
+  for directory, _, files in os.walk(root):
+    if any(name.startswith("events.out.tfevents") for name in files):
+      runs.append(directory)
+  return sorted(runs)
+
+
+def read_run(directory: str, root: str) -> RunData:
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+
+  acc = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0})
+  acc.Reload()
+  scalars, spectrum = {}, None
+  for tag in acc.Tags().get("tensors", []):
+    if not tag.startswith(TAG_PREFIX):
+      continue
+    events = acc.Tensors(tag)
+    values = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
+    name = tag[len(TAG_PREFIX):]
+    if name == "ntk_eigenvalues":
+      spectrum = (events[-1].step, np.asarray(values[-1]))
+    elif all(np.ndim(v) == 0 for v in values):
+      scalars[name] = (np.array([e.step for e in events]), np.array(values, dtype=np.float64))
+  return RunData(name=os.path.relpath(directory, root), scalars=scalars, spectrum=spectrum)
+
+
+def plot_scalars(runs: list[RunData], out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  paths = []
+  for name in PLOTTED:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for run in runs:
+      if name in run.scalars:
+        steps, values = run.scalars[name]
+        ax.plot(steps, values, ".-", label=run.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.set_title(name)
+    if runs:
+      ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def plot_spectrum(runs: list[RunData], out_dir: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for run in runs:
+    if run.spectrum is None:
+      continue
+    step, buckets = run.spectrum
+    if buckets.ndim == 2 and buckets.shape[1] == 3:
+      centers = 0.5 * (buckets[:, 0] + buckets[:, 1])
+      ax.step(centers, buckets[:, 2], where="mid", label=f"{run.name} (step {step})")
+  ax.set_xlabel("NTK eigenvalue")
+  ax.set_ylabel("count")
+  ax.set_title("NTK spectrum at the last snapshot")
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  path = os.path.join(out_dir, "ntk_spectrum.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def summary_markdown(runs: list[RunData], images: list[str], out_dir: str) -> str:
+  names = ("kappa", "jacobian_norm", "hessian_norm", "residual_norm", "kernel_drift",
+           "kernel_distance", "kernel_alignment", "weight_change", "twin_gap")
+  lines = ["# ntk_diag report", "", "Values at the first and last snapshot of each run.", "",
+           "| run | metric | first | last |", "|---|---|---|---|"]
+  for run in runs:
+    for name in names:
+      if name in run.scalars:
+        steps, values = run.scalars[name]
+        lines.append(f"| {run.name} | {name} | {values[0]:.4g} (step {steps[0]}) "
+                     f"| {values[-1]:.4g} (step {steps[-1]}) |")
+  lines += ["", "κ ≪ 1 with small kernel drift and twin gap means the run is in the lazy (kernel) regime.", ""]
+  lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in images]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str, out_dir: str | None = None) -> str:
+  """Writes plots and ``report.md`` for every run under ``run_dir``; returns the Markdown path."""
+  if not os.path.isdir(run_dir):
+    raise ValueError(f"`run_dir` {run_dir!r} is not a directory.")
+  directories = find_runs(run_dir)
+  if not directories:
+    raise ValueError(f"No TensorBoard event files under `run_dir` {run_dir!r}.")
+  out_dir = out_dir or os.path.join(run_dir, "report")
+  os.makedirs(out_dir, exist_ok=True)
+  runs = [read_run(d, run_dir) for d in directories]
+  images = plot_scalars(runs, out_dir) + [plot_spectrum(runs, out_dir)]
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w") as f:
+    f.write(summary_markdown(runs, images, out_dir))
+  return path
