@@ -113,6 +113,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     self._params = None
     self._engine: snapshot_lib.SnapshotEngine | None = None
     self._failures = 0
+    self._disabled = False
     self._warned_nonfinite = False
     self.last: SnapshotResult | None = None
 
@@ -131,8 +132,15 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       if not isinstance(model, nnx.Module):
         raise TypeError(f"`model` must be an nnx.Module; got {type(model).__name__}.")
       params = nnx.state(model, nnx.Param)
+    if self._disabled:
+      return False
     if self._engine is None:
-      self._engine = self._initialize(params)
+      # Wrong probe targets, a stale workdir...: without `strict` the hook
+      # turns itself off instead of killing the run.
+      if not self._guarded(step, "could not start; the hook is disabled",
+                           lambda: setattr(self, "_engine", self._initialize(params))):
+        self._disabled = True
+        return False
     self._params = params
     try:
       return super().__call__(step, t)
@@ -161,16 +169,28 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     return engine
 
   def _apply(self, step: int, t: float) -> None:
+    self._guarded(step, "snapshot failed and was skipped",
+                  lambda: self._record(step, self._engine.run(self._params, step)))
+
+  def _guarded(self, step: int, what: str, action: Callable[[], Any]) -> bool:
+    """Runs ``action``; a failure is counted in ``ntk_diag/failed`` and warned
+    about (re-raised with ``strict``), never propagated into the training loop."""
     try:
-      result = self._engine.run(self._params, step)
-    except Exception as error:  # a diagnostic must never kill the training loop
+      action()
+      return True
+    except Exception as error:
       self._failures += 1
       if self._strict:
         raise
-      warnings.warn(f"ntk_diag: snapshot at step {step} failed and was skipped: "
-                    f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
-      self._write(step, {"failed": float(self._failures)}, None, None)
-      return
+      warnings.warn(f"ntk_diag: step {step}: {what}: {type(error).__name__}: {error}",
+                    RuntimeWarning, stacklevel=4)
+      try:
+        self._write(step, {"failed": float(self._failures)}, None, None)
+      except Exception:  # the writer itself is broken; the warning is all we can do
+        pass
+      return False
+
+  def _record(self, step: int, result: snapshot_lib.EngineResult) -> None:
     scalars = dict(result.scalars, failed=float(self._failures))
     if not result.finite:
       if not self._warned_nonfinite:
@@ -187,3 +207,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       return
     tb_logging.write_snapshot(self._writer, step, scalars, eigenvalues,
                               kernel if self._log_images else None)
+
+  @property
+  def disabled(self) -> bool:
+    """Whether the hook turned itself off because it could not start (``strict=False``)."""
+    return self._disabled
