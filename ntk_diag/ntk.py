@@ -82,8 +82,13 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | N
     method = choose_method(apply_fn, params, x1, n1, n2, k, num_params, bool(trace_outputs))
   if batch_size is None:
     budget = memory_budget_bytes or _memory.default_budget_bytes()
-    batch_size = choose_batch_size(method, n1, n2, k, num_params,
-                                   jnp.dtype(_model.param_dtype(params)).itemsize, budget)
+    itemsize = jnp.dtype(_model.param_dtype(params)).itemsize
+    if method == "structured":
+      from ntk_diag import structured  # local: structured imports this module
+      batch_size = structured.choose_batch_size(apply_fn, params, x1, n1, n2, k,
+                                                bool(trace_outputs), itemsize, budget)
+    if batch_size is None:
+      batch_size = choose_batch_size(method, n1, n2, k, num_params, itemsize, budget)
   kernel = _ntk_jit(apply_fn, params, x1, x2, trace_outputs=bool(trace_outputs),
                     method=method, batch_size=batch_size)
   if out_shape == () and not trace_outputs:

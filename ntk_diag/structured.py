@@ -463,7 +463,11 @@ _MAX_GRAM_ELEMENTS = 1 << 27
 
 
 def _layer_kernel(a1, g1, a2, g2, trace_outputs: bool) -> jax.Array:
-  """``Σ_g Σ_{s,t} (A1[i,g,s]·A2[j,g,t]) (G1[i,a,g,s]·G2[j,b,g,t])`` in the cheaper order."""
+  """``Σ_g Σ_{s,t} (A1[i,g,s]·A2[j,g,t]) (G1[i,a,g,s]·G2[j,b,g,t])`` in the cheaper order.
+
+  Returns ``(n1, n2)`` if ``trace_outputs``, else ``(n1, k, n2, k)`` (axes ``i, a, j, b``:
+  the natural output of the ``G1 G2ᵀ`` matmul; the caller transposes once).
+  """
   n1, k, g, s1, o = g1.shape
   n2, s2, c = g2.shape[0], g2.shape[3], a1.shape[-1]
   kk = k if trace_outputs else k * k
@@ -471,26 +475,35 @@ def _layer_kernel(a1, g1, a2, g2, trace_outputs: bool) -> jax.Array:
   jac_flops = (n1 * s1 + n2 * s2) * k * g * c * o + n1 * n2 * kk * g * c * o
   gram_size = n1 * n2 * kk * g * s1 * s2
   if gram_flops <= jac_flops and gram_size <= _MAX_GRAM_ELEMENTS:
+    if g * s1 * s2 == 1:  # Dense on vectors: two matmuls and a Hadamard product
+      aa = jnp.matmul(a1[:, 0, 0], a2[:, 0, 0].T, precision=_HIGHEST)
+      if trace_outputs:
+        gg = jnp.matmul(g1.reshape(n1, k * o), g2.reshape(n2, k * o).T, precision=_HIGHEST)
+        return aa * gg
+      gg = jnp.matmul(g1.reshape(n1 * k, o), g2.reshape(n2 * k, o).T, precision=_HIGHEST)
+      return gg.reshape(n1, k, n2, k) * aa[:, None, :, None]
     aa = jnp.einsum("igsc,jgtc->ijgst", a1, a2, precision=_HIGHEST)
     if trace_outputs:
       gg = jnp.einsum("iagso,jagto->ijgst", g1, g2, precision=_HIGHEST)
       return jnp.sum(aa * gg, axis=(2, 3, 4))
-    if g * s1 * s2 == 1:
-      gg = jnp.einsum("iao,jbo->iajb", g1[:, :, 0, 0], g2[:, :, 0, 0], precision=_HIGHEST)
-      return jnp.transpose(gg, (0, 2, 1, 3)) * aa[:, :, 0, 0, 0, None, None]
-    gg = jnp.einsum("iagso,jbgto->ijgstab", g1, g2, precision=_HIGHEST)
-    return jnp.einsum("ijgst,ijgstab->ijab", aa, gg, precision=_HIGHEST)
+    gg = jnp.einsum("iagso,jbgto->iajbgst", g1, g2, precision=_HIGHEST)
+    return jnp.einsum("ijgst,iajbgst->iajb", aa, gg, precision=_HIGHEST)
   j1 = jnp.einsum("igsc,iagso->iagco", a1, g1, precision=_HIGHEST)
   j2 = j1 if a2 is a1 and g2 is g1 else jnp.einsum("igsc,iagso->iagco", a2, g2,
                                                     precision=_HIGHEST)
-  spec = "iagco,jagco->ij" if trace_outputs else "iagco,jbgco->ijab"
+  spec = "iagco,jagco->ij" if trace_outputs else "iagco,jbgco->iajb"
   return jnp.einsum(spec, j1, j2, precision=_HIGHEST)
+
+
+def _contract_fallback(jac1: list, jac2: list, trace_outputs: bool) -> jax.Array:
+  """Per-example Jacobians ``(n, k, *leaf)`` -> ``(n1, n2)`` or ``(n1, k, n2, k)``."""
+  spec = "iap,jap->ij" if trace_outputs else "iap,jbp->iajb"
+  return sum(jnp.einsum(spec, u.reshape(u.shape[:2] + (-1,)), v.reshape(v.shape[:2] + (-1,)),
+                        precision=_HIGHEST) for u, v in zip(jac1, jac2))
 
 
 def _structured_block(plan: _Plan, params: PyTree, x1: PyTree, x2: PyTree,
                       trace_outputs: bool) -> jax.Array:
-  from ntk_diag import ntk  # local: ntk imports this module lazily
-
   a1, g1, jf1 = _example_stats(plan, params, x1)
   if x2 is x1:
     a2, g2, jf2 = a1, g1, jf1
@@ -498,16 +511,92 @@ def _structured_block(plan: _Plan, params: PyTree, x1: PyTree, x2: PyTree,
     a2, g2, jf2 = _example_stats(plan, params, x2)
   parts = [_layer_kernel(*args, trace_outputs) for args in zip(a1, g1, a2, g2)]
   if plan.fallback:
-    parts.append(ntk.contract_jacobians(jf1, jf2, trace_outputs))
-  return sum(parts[1:], parts[0])
+    parts.append(_contract_fallback(jf1, jf2, trace_outputs))
+  kernel = sum(parts[1:], parts[0])
+  return kernel if trace_outputs else jnp.transpose(kernel, (0, 2, 1, 3))
+
+
+# Plans of recent models, keyed by (apply_fn, parameter and per-example input types).
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_SIZE = 8
+
+
+def _cache_key(apply_fn: Callable, params: PyTree, x: PyTree):
+  spec = lambda a, batch: (tuple(np.shape(a)[batch:]), str(jnp.result_type(a)))
+  try:
+    key = (apply_fn, jax.tree.structure(params), jax.tree.structure(x),
+           tuple(spec(a, 0) for a in jax.tree.leaves(params)),
+           tuple(spec(a, 1) for a in jax.tree.leaves(x)))
+    hash(key)
+  except TypeError:
+    return None
+  return key
 
 
 def _plan_or_none(apply_fn: Callable, params: PyTree, x: PyTree) -> _Plan | None:
+  """The structured plan of ``apply_fn``, or None if no leaf is covered or tracing fails."""
+  key = _cache_key(apply_fn, params, x)
+  if key is not None and key in _PLAN_CACHE:
+    return _PLAN_CACHE[key]
   try:
     plan = _analyse(_trace(apply_fn, params, x))
   except Exception:  # any unsupported construct: use the generic path
     return None
-  return plan if plan.groups else None
+  plan = plan if plan.groups else None
+  cacheable = plan is None or not any(isinstance(c, jax.core.Tracer)
+                                      for c in plan.graph.consts.values())
+  if key is not None and cacheable:
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+      _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = plan
+  return plan
+
+
+def choose_batch_size(apply_fn: Callable, params: PyTree, x: PyTree, n1: int, n2: int,
+                      k: int, trace_outputs: bool, itemsize: int, budget_bytes: int) -> int | None:
+  """Largest block of examples whose estimated structured peak memory fits the budget.
+
+  Counts, per example, the layer inputs and ``k`` cotangents of every structured
+  layer, the fallback Jacobians and ``k`` cotangents of every intermediate, and
+  per pair of examples the kernel block and the largest layer intermediate.
+  Returns None when the structured rules do not apply.
+  """
+  plan = _plan_or_none(apply_fn, params, x)
+  if plan is None:
+    return None
+  graph = plan.graph
+  size = lambda key: math.prod(graph.shapes[key])
+  per_example = k * sum(size(graph.param_keys[leaf]) for leaf in plan.fallback)
+  per_example += (1 + k) * sum(size(out) for rec in graph.records for out in rec.outs)
+  kk = k if trace_outputs else k * k
+  per_pair = 2 * kk
+  for group in plan.groups:
+    g, s, c, o = _group_dims(graph, group)
+    per_example += g * s * (c + k * o)
+    per_pair = max(per_pair, 2 * kk + (kk + 1) * g * s * s)
+  n = max(n1, n2)
+  fits = lambda b: (2 * b * per_example + b * b * per_pair) * itemsize <= budget_bytes
+  if fits(n):
+    return n
+  lo, hi = 1, n  # fits(lo) assumed; the smallest block is always allowed
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo
+
+
+def _group_dims(graph: _Graph, group: _Group) -> tuple[int, int, int, int]:
+  """``(g, S, c, o)`` of a structured leaf, ``S`` summed over its uses."""
+  s_total = 0
+  for use in group.uses:
+    rec = graph.records[use.rec]
+    if use.kind == "dot":
+      g, s, c = _dot_layout(rec, use.operand, graph.shapes)[1]
+      o = _dot_layout(rec, use.operand, graph.shapes)[3][2]
+    else:
+      g, s, c, o = _conv_layout(rec, graph.shapes)
+    s_total += s
+  return g, s_total, c + int(bool(group.bias_leaf is not None)), o
 
 
 def applies(apply_fn: Callable, params: PyTree, x: PyTree) -> bool:

@@ -195,7 +195,7 @@ def test_layer_kernel_orders_agree():
   a1, a2 = jax.random.normal(keys[0], (3, 2, 5, 4)), jax.random.normal(keys[1], (2, 2, 5, 4))
   g1, g2 = jax.random.normal(keys[2], (3, 3, 2, 5, 6)), jax.random.normal(keys[3], (2, 3, 2, 5, 6))
   for trace_outputs in (False, True):
-    spec = "igsc,jgtc,iagso,jagto->ij" if trace_outputs else "igsc,jgtc,iagso,jbgto->ijab"
+    spec = "igsc,jgtc,iagso,jagto->ij" if trace_outputs else "igsc,jgtc,iagso,jbgto->iajb"
     expected = np.einsum(spec, *map(np.asarray, (a1, a2, g1, g2)))
     gram = structured._layer_kernel(a1, g1, a2, g2, trace_outputs)
     old = structured._MAX_GRAM_ELEMENTS
@@ -206,3 +206,14 @@ def test_layer_kernel_orders_agree():
       structured._MAX_GRAM_ELEMENTS = old
     assert_close_fro(gram, expected)
     assert_close_fro(jac, expected)
+
+
+def test_memory_budget_blocks_structured_kernel():
+  apply_fn, params, x1, x2 = _case("mlp")
+  k = 3
+  full = structured.choose_batch_size(apply_fn, params, x1, 4, 3, k, False, 4, 1 << 30)
+  small = structured.choose_batch_size(apply_fn, params, x1, 4, 3, k, False, 4, 6000)
+  assert full == 4 and 1 <= small < 4
+  got = nd.empirical_ntk(apply_fn, params, x1, x2, method="structured",
+                         memory_budget_bytes=6000)
+  assert_close_fro(got, dense_ntk(apply_fn, params, x1, x2))
