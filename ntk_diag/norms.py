@@ -1,30 +1,452 @@
-"""Operator norms and the lazy-training ratio (placeholder until issue 3 lands)."""
+"""Operator norms of the network's derivatives and the lazy-training ratio.
+
+With ``J_x`` the ``k × P`` Jacobian of the outputs at one example and
+``H_{x,a} = ∇²_θ f_a(x)`` the ``P × P`` Hessian of output ``a``:
+
+* :func:`jacobian_norm`: ``max_i ‖J_{x_i}‖₂`` over the probe set, or with
+  ``stacked=True`` the largest singular value of the stacked ``(n·k) × P``
+  Jacobian (``= sqrt(λ_max)`` of the ``(n·k) × (n·k)`` NTK);
+* :func:`hessian_norm`: ``max_i max_a ‖H_{x_i,a}‖₂`` (largest ``|eigenvalue|``);
+* :func:`lazy_ratio`: ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(X) − y‖₂`` (seed eq. 3); the
+  network trains lazily (stays close to its linearisation) when ``κ ≪ 1``.
+
+Everything is matrix-free: Jacobian-vector and vector-Jacobian products for
+``J``, forward-over-reverse Hessian-vector products for ``H``, fed to the
+eigensolvers of :mod:`ntk_diag.spectral`. No ``P × P`` or ``(n·k) × P`` array
+is formed. The one exception is small ``k <= GRAM_MAX_OUTPUTS``, where the
+per-example norm is computed exactly from the ``k × k`` Gram matrix
+``J_x J_xᵀ`` (one ``k × P`` per-example Jacobian at a time).
+
+The public functions validate their arguments in Python and call jitted
+cores. The cores (:func:`jacobian_norm_core`, :func:`hessian_norm_core`,
+:func:`lazy_ratio_core`) do no validation and are traceable, so a training
+loop can call them inside its own ``jax.jit``. Pass ``return_vector=True``
+and feed the previous result back as ``init`` to warm-start the solvers.
+"""
+
+from __future__ import annotations
+
 import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ntk_diag import _memory
+from ntk_diag import _model
+from ntk_diag import _tree
+from ntk_diag import _validation
+from ntk_diag import ntk
+from ntk_diag import spectral
+
+PyTree = Any
+
+METHODS = spectral.METHODS
+# Per-example Jacobian norms use the exact k × k Gram matrix up to this many outputs.
+GRAM_MAX_OUTPUTS = 64
+_STATIC = ("apply_fn", "stacked", "num_iters", "tol", "method", "return_vector", "batch_size")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NormEstimate:
-  value: object
-  per_example: object
-  iterations: object
-  converged: object
+  """An operator-norm estimate over a probe set of ``n`` examples.
+
+  Attributes:
+    value: the norm, a float scalar array (``float(est.value)`` works).
+    per_example: ``(n,)`` per-example norms (for ``hessian_norm`` the max over
+      outputs); ``None`` for ``jacobian_norm(..., stacked=True)``.
+    iterations: largest number of solver iterations over the eigenproblems
+      (int32 scalar); 0 where the exact Gram matrix was used.
+    converged: whether every eigenproblem reached ``tol`` (bool scalar).
+    vector: top eigenvectors for warm starts, or ``None`` (see
+      ``return_vector``): a params-like pytree whose leaves have shape
+      ``leaf.shape`` (stacked Jacobian), ``(n, *leaf.shape)`` (per-example
+      Jacobian) or ``(n, k, *leaf.shape)`` (Hessian, one per example and output).
+  """
+  value: jax.Array
+  per_example: jax.Array | None
+  iterations: jax.Array
+  converged: jax.Array
+  vector: PyTree = None
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LazyReport:
-  kappa: object
-  jacobian_norm: object
-  hessian_norm: object
-  residual_norm: object
+  """Result of :func:`lazy_ratio`.
+
+  Attributes:
+    kappa: ``hessian_norm.value / jacobian_norm.value² · residual_norm``
+      (float scalar array). It is 0 when the numerator is 0 and saturates at
+      the dtype's largest finite value when the Jacobian norm is 0.
+    jacobian_norm: the :class:`NormEstimate` of :func:`jacobian_norm`.
+    hessian_norm: the :class:`NormEstimate` of :func:`hessian_norm`.
+    residual_norm: ``‖f(params, x) − y‖₂`` over all ``n·k`` entries.
+  """
+  kappa: jax.Array
+  jacobian_norm: NormEstimate
+  hessian_norm: NormEstimate
+  residual_norm: jax.Array
 
 
-def jacobian_norm(*args, **kwargs):
-  raise NotImplementedError
+# ----------------------------------------------------------------------------
+# Public API: validation, then the jitted cores.
+# ----------------------------------------------------------------------------
 
 
-def hessian_norm(*args, **kwargs):
-  raise NotImplementedError
+def jacobian_norm(apply_fn: Callable, params: PyTree, x: PyTree, *, stacked: bool = False,
+                  num_iters: int = 100, tol: float = 1e-4, method: str = "power",
+                  key: jax.Array | None = None, init: PyTree | None = None,
+                  return_vector: bool = False,
+                  batch_size: int | None = None) -> NormEstimate:
+  """Spectral norm of the Jacobian of ``apply_fn`` w.r.t. ``params``.
+
+  Default: ``value = max_i ‖J_{x_i}‖₂`` with ``per_example[i] = ‖J_{x_i}‖₂``
+  (the square root of the largest eigenvalue of ``J_{x_i}ᵀ J_{x_i}``).
+  For ``k <= GRAM_MAX_OUTPUTS`` outputs this is computed exactly from the
+  ``k × k`` Gram matrix (``method``, ``num_iters``, ``tol`` unused); otherwise
+  by an eigensolver on ``v ↦ J_xᵀ (J_x v)`` per example, vmapped.
+  ``stacked=True``: ``value = σ_max`` of the stacked ``(n·k) × P`` Jacobian,
+  by an eigensolver on ``v ↦ Jᵀ (J v)`` (one JVP and one VJP over the batch
+  per iteration); ``per_example`` is ``None``.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (n, *out)``; ``k = prod(out)``.
+    params: pytree of trainable parameters.
+    x: batch of ``n`` probe inputs (array or pytree with a leading batch axis).
+    stacked: norm of the stacked Jacobian instead of the per-example maximum.
+    num_iters: maximum iterations (power) or matvecs (Lanczos) per eigenproblem.
+    tol: relative residual ``‖A v − θ v‖ / θ`` at which a solver stops.
+    method: ``"power"`` or ``"lanczos"`` (see :mod:`ntk_diag.spectral`).
+    key: PRNG key of the random start vector; default ``PRNGKey(0)``.
+    init: start vector(s) instead of a random one: a params-like pytree (used
+      for every eigenproblem) or a previous ``NormEstimate.vector``.
+    return_vector: fill ``NormEstimate.vector`` (costs its memory).
+    batch_size: eigenproblems (examples) solved simultaneously; ``None``
+      picks the largest number whose vectors fit the default memory budget.
+
+  Returns:
+    A :class:`NormEstimate`.
+
+  .. note::
+    Power iteration converges at the rate ``(λ₂/λ₁)^k`` and may end with
+    ``converged=False`` on clustered spectra; its estimate is a lower bound.
+  """
+  _check_common(apply_fn, params, x, num_iters=num_iters, tol=tol, method=method, key=key,
+                return_vector=return_vector, batch_size=batch_size)
+  _check_bool("stacked", stacked)
+  return _jacobian_norm_jit(apply_fn, params, x, key=key, init=init, stacked=bool(stacked),
+                            num_iters=num_iters, tol=tol, method=method,
+                            return_vector=bool(return_vector), batch_size=batch_size)
 
 
-def lazy_ratio(*args, **kwargs):
-  raise NotImplementedError
+def hessian_norm(apply_fn: Callable, params: PyTree, x: PyTree, *, num_iters: int = 100,
+                 tol: float = 1e-4, method: str = "power", key: jax.Array | None = None,
+                 init: PyTree | None = None, return_vector: bool = False,
+                 batch_size: int | None = None) -> NormEstimate:
+  """Largest ``|eigenvalue|`` of the per-example, per-output parameter Hessians.
+
+  ``value = max_i max_a ‖∇²_θ f_a(x_i)‖₂`` and ``per_example[i] =
+  max_a ‖∇²_θ f_a(x_i)‖₂``. The ``n·k`` eigenproblems are solved in parallel
+  (vmapped, in chunks of ``batch_size``) from Hessian-vector products
+  (forward-over-reverse, ``jax.linearize`` of ``jax.grad``). The Hessians are
+  indefinite, often with ``±λ`` pairs of equal size, on which plain power
+  iteration oscillates: ``method="power"`` therefore iterates on ``H²`` (two
+  Hessian-vector products per iteration) and reports ``sqrt(λ_max(H²))``;
+  ``method="lanczos"`` runs on ``H`` and reports the Ritz value of largest
+  magnitude.
+
+  Args:
+    apply_fn, params, x, num_iters, tol, method, key, return_vector: as in
+      :func:`jacobian_norm`.
+    init: a params-like pytree or a previous ``NormEstimate.vector`` (leaves
+      ``(n, k, *leaf.shape)``).
+    batch_size: (example, output) eigenproblems solved simultaneously; ``None``
+      picks the largest number whose vectors fit the default memory budget.
+
+  Returns:
+    A :class:`NormEstimate`.
+  """
+  _check_common(apply_fn, params, x, num_iters=num_iters, tol=tol, method=method, key=key,
+                return_vector=return_vector, batch_size=batch_size)
+  return _hessian_norm_jit(apply_fn, params, x, key=key, init=init, num_iters=num_iters,
+                           tol=tol, method=method, return_vector=bool(return_vector),
+                           batch_size=batch_size)
+
+
+def lazy_ratio(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
+               stacked: bool = False, num_iters: int = 100, tol: float = 1e-4,
+               method: str = "power", key: jax.Array | None = None,
+               init: LazyReport | None = None, return_vector: bool = False,
+               batch_size: int | None = None) -> LazyReport:
+  """The lazy-training ratio ``κ`` of seed eq. (3) on a probe set.
+
+  ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(params, x) − y‖₂`` with ``‖∇f‖`` from
+  :func:`jacobian_norm` (``stacked`` applies to it only), ``‖∇²f‖`` from
+  :func:`hessian_norm` and the residual norm over all ``n·k`` entries.
+
+  Args:
+    apply_fn, params, x: as in :func:`jacobian_norm`.
+    y: targets of shape ``(n, *out)``; ``(n,)`` and ``(n, 1)`` are
+      interchangeable for a single output.
+    stacked, num_iters, tol, method, return_vector, batch_size: passed to
+      both norms (``stacked`` to the Jacobian norm only).
+    key: PRNG key, split between the two norms; default ``PRNGKey(0)``.
+    init: a previous :class:`LazyReport` computed with ``return_vector=True``;
+      its vectors warm-start both norms.
+
+  Returns:
+    A :class:`LazyReport`; its ``jacobian_norm`` and ``hessian_norm`` are
+    :class:`NormEstimate` objects, ``kappa`` and ``residual_norm`` scalars.
+  """
+  _check_common(apply_fn, params, x, num_iters=num_iters, tol=tol, method=method, key=key,
+                return_vector=return_vector, batch_size=batch_size)
+  _check_bool("stacked", stacked)
+  n = _validation.leading_size("x", x)
+  out_shape = _model.example_output_shape(apply_fn, params, x)
+  _validation.check_float_array("y", y)
+  _validation.check_targets("y", y, (n,) + out_shape)
+  if init is not None and not isinstance(init, LazyReport):
+    raise TypeError(
+        f"`init` must be a LazyReport from a previous lazy_ratio call; got {type(init).__name__}.")
+  return _lazy_ratio_jit(apply_fn, params, x, y, key=key, init=init, stacked=bool(stacked),
+                         num_iters=num_iters, tol=tol, method=method,
+                         return_vector=bool(return_vector), batch_size=batch_size)
+
+
+def _check_bool(name: str, value: Any) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool; got {value!r}.")
+
+
+def _check_common(apply_fn, params, x, *, num_iters, tol, method, key, return_vector,
+                  batch_size) -> None:
+  _validation.check_callable("apply_fn", apply_fn)
+  spectral.check_options(num_iters=num_iters, tol=tol, method=method)
+  _validation.check_positive_int("batch_size", batch_size, optional=True)
+  _check_bool("return_vector", return_vector)
+  if key is not None and not hasattr(key, "shape"):
+    raise TypeError(f"`key` must be a PRNG key array or None; got {type(key).__name__}.")
+  _validation.leading_size("x", x)
+  _model.example_output_shape(apply_fn, params, x)
+
+
+# ----------------------------------------------------------------------------
+# Traceable cores (no validation).
+# ----------------------------------------------------------------------------
+
+
+def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
+                       key: jax.Array | None = None, init: PyTree | None = None,
+                       stacked: bool = False, num_iters: int = 100, tol: float = 1e-4,
+                       method: str = "power", return_vector: bool = False,
+                       batch_size: int | None = None) -> NormEstimate:
+  """:func:`jacobian_norm` without argument checks; traceable (``jit``-able)."""
+  key = _default_key(key)
+  n = _num_examples(x)
+  k = _model.num_outputs(_model.example_output_shape(apply_fn, params, x))
+  solver = functools.partial(spectral._top_eigenpair, method=method, which="largest",
+                             num_iters=num_iters, tol=tol)
+  if stacked:
+    f_batch = _model.batched(apply_fn)
+    start = _start_vectors(init, params, (), key)
+    result = solver(_gram_operator(lambda p: f_batch(p, x), params), start)
+    return NormEstimate(value=_sqrt(result.value), per_example=None,
+                        iterations=result.iterations, converged=result.converged,
+                        vector=result.vector if return_vector else None)
+
+  f = _model.per_example(apply_fn)
+  if k <= GRAM_MAX_OUTPUTS:
+    def exact(xi):
+      xb = jax.tree.map(lambda a: a[None], xi)
+      jac = ntk.per_example_jacobians(apply_fn, params, xb)
+      gram = ntk.contract_jacobians(jac, jac, False)[0, 0]  # (k, k)
+      return _sqrt(jnp.linalg.eigvalsh(gram)[-1])
+
+    per_bytes = 3 * k * _vector_bytes(params)
+    values = _map_problems(exact, x, n, _batch(batch_size, per_bytes, n))
+    return NormEstimate(value=jnp.max(values), per_example=values,
+                        iterations=jnp.zeros((), jnp.int32), converged=jnp.ones((), bool),
+                        vector=None)
+
+  shared, batched = _problem_inits(init, params, (n,), key)
+
+  def iterative(args):
+    xi, start = args
+    result = solver(_gram_operator(lambda p: f(p, xi), params),
+                    shared if start is None else start)
+    return (_sqrt(result.value), result.iterations, result.converged,
+            result.vector if return_vector else None)
+
+  per_bytes = _solver_vectors(method, num_iters) * _vector_bytes(params)
+  values, its, conv, vectors = _map_problems(
+      iterative, (x, batched), n, _batch(batch_size, per_bytes, n))
+  return NormEstimate(value=jnp.max(values), per_example=values, iterations=jnp.max(its),
+                      converged=jnp.all(conv), vector=vectors)
+
+
+def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
+                      key: jax.Array | None = None, init: PyTree | None = None,
+                      num_iters: int = 100, tol: float = 1e-4, method: str = "power",
+                      return_vector: bool = False,
+                      batch_size: int | None = None) -> NormEstimate:
+  """:func:`hessian_norm` without argument checks; traceable (``jit``-able)."""
+  key = _default_key(key)
+  n = _num_examples(x)
+  k = _model.num_outputs(_model.example_output_shape(apply_fn, params, x))
+  f = _model.per_example(apply_fn)
+  shared, batched = _problem_inits(init, params, (n, k), key)
+  if batched is not None:  # (n, k, ...) -> (n·k, ...)
+    batched = jax.tree.map(lambda a: a.reshape((n * k,) + a.shape[2:]), batched)
+  examples = jnp.repeat(jnp.arange(n), k)
+  outputs = jnp.tile(jnp.arange(k), n)
+
+  def solve(args):
+    i, a, start = args
+    xi = _model.take(x, i)
+    grad_fn = jax.grad(lambda p: f(p, xi)[a])
+    _, hvp = jax.linearize(grad_fn, params)  # forward-over-reverse
+    result = spectral._top_eigenpair(hvp, shared if start is None else start, method=method,
+                                     which="magnitude", num_iters=num_iters, tol=tol)
+    return (result.value, result.iterations, result.converged,
+            result.vector if return_vector else None)
+
+  per_bytes = _solver_vectors(method, num_iters) * _vector_bytes(params)
+  values, its, conv, vectors = _map_problems(
+      solve, (examples, outputs, batched), n * k, _batch(batch_size, per_bytes, n * k))
+  values = values.reshape(n, k)
+  if vectors is not None:
+    vectors = jax.tree.map(lambda a: a.reshape((n, k) + a.shape[1:]), vectors)
+  return NormEstimate(value=jnp.max(values), per_example=jnp.max(values, axis=1),
+                      iterations=jnp.max(its), converged=jnp.all(conv), vector=vectors)
+
+
+def lazy_ratio_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
+                    key: jax.Array | None = None, init: LazyReport | None = None,
+                    stacked: bool = False, num_iters: int = 100, tol: float = 1e-4,
+                    method: str = "power", return_vector: bool = False,
+                    batch_size: int | None = None) -> LazyReport:
+  """:func:`lazy_ratio` without argument checks; traceable (``jit``-able).
+
+  ``init`` is a previous :class:`LazyReport` (or ``None``).
+  """
+  key_j, key_h = jax.random.split(_default_key(key))
+  options = dict(num_iters=num_iters, tol=tol, method=method, return_vector=return_vector,
+                 batch_size=batch_size)
+  jac = jacobian_norm_core(apply_fn, params, x, key=key_j, stacked=stacked,
+                           init=None if init is None else init.jacobian_norm.vector, **options)
+  hess = hessian_norm_core(apply_fn, params, x, key=key_h,
+                           init=None if init is None else init.hessian_norm.vector, **options)
+  outputs = _model.batched(apply_fn)(params, x)
+  residual = outputs - jnp.asarray(y, outputs.dtype).reshape(outputs.shape)
+  residual_norm = jnp.linalg.norm(residual.reshape(-1))
+  numerator = hess.value * residual_norm
+  denominator = jac.value ** 2
+  big = jnp.finfo(numerator.dtype).max
+  kappa = jnp.where(
+      numerator > 0,
+      jnp.minimum(numerator / jnp.where(denominator > 0, denominator, 1.0), big), 0.0)
+  kappa = jnp.where(jnp.logical_and(numerator > 0, denominator <= 0), big, kappa)
+  return LazyReport(kappa=kappa, jacobian_norm=jac, hessian_norm=hess,
+                    residual_norm=residual_norm)
+
+
+_jacobian_norm_jit = jax.jit(jacobian_norm_core, static_argnames=_STATIC)
+_hessian_norm_jit = jax.jit(hessian_norm_core, static_argnames=tuple(
+    name for name in _STATIC if name != "stacked"))
+_lazy_ratio_jit = jax.jit(lazy_ratio_core, static_argnames=_STATIC)
+
+
+# ----------------------------------------------------------------------------
+# Pieces.
+# ----------------------------------------------------------------------------
+
+
+def _gram_operator(fn: Callable[[PyTree], jax.Array], params: PyTree) -> Callable:
+  """``v ↦ J_fnᵀ (J_fn v)`` at ``params``: one JVP and its transpose."""
+  _, jvp_fn = jax.linearize(fn, params)
+  vjp_fn = jax.linear_transpose(jvp_fn, params)
+  return lambda v: vjp_fn(jvp_fn(v))[0]
+
+
+def _sqrt(value: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.maximum(value, 0.0))
+
+
+def _default_key(key: jax.Array | None) -> jax.Array:
+  return jax.random.PRNGKey(0) if key is None else key
+
+
+def _num_examples(x: PyTree) -> int:
+  return int(np.shape(jax.tree.leaves(x)[0])[0])
+
+
+def _vector_bytes(params: PyTree) -> int:
+  return _tree.tree_size(params) * jnp.dtype(_model.param_dtype(params)).itemsize
+
+
+def _solver_vectors(method: str, num_iters: int) -> int:
+  """Parameter-sized vectors one eigenproblem holds (solver state + products)."""
+  if method == "lanczos":
+    return min(num_iters, spectral.DEFAULT_KRYLOV_DIM) + 6
+  return 6
+
+
+def _batch(batch_size: int | None, per_problem_bytes: int, count: int) -> int:
+  if batch_size is not None:
+    return min(batch_size, count)
+  budget = _memory.default_budget_bytes()
+  return int(max(1, min(count, budget // max(per_problem_bytes, 1))))
+
+
+def _map_problems(fn: Callable, xs: PyTree, count: int, batch: int) -> Any:
+  """``fn`` over the leading axis of ``xs``: vmapped, ``batch`` problems at a time."""
+  if batch >= count:
+    return jax.vmap(fn)(xs)
+  return lax.map(fn, xs, batch_size=batch)
+
+
+def _start_vectors(init: PyTree | None, params: PyTree, batch_shape: tuple[int, ...],
+                   key: jax.Array) -> PyTree:
+  """A random params-like vector, or ``init`` checked against params."""
+  if init is None:
+    return _tree.tree_random_normal_like(key, params)
+  _check_init(init, params, batch_shape)
+  return jax.tree.map(lambda v, p: jnp.asarray(v, p.dtype), init, params)
+
+
+def _problem_inits(init: PyTree | None, params: PyTree, batch_shape: tuple[int, ...],
+                   key: jax.Array) -> tuple[PyTree | None, PyTree | None]:
+  """``(shared, batched)`` start vectors; exactly one is not ``None``.
+
+  ``shared`` is one params-like vector used by every eigenproblem (random,
+  or ``init`` with params' shapes); ``batched`` is ``init`` with leaves of
+  shape ``batch_shape + leaf.shape``.
+  """
+  if init is None:
+    return _tree.tree_random_normal_like(key, params), None
+  kind = _check_init(init, params, batch_shape)
+  init = jax.tree.map(lambda v, p: jnp.asarray(v, p.dtype), init, params)
+  return (init, None) if kind == "shared" else (None, init)
+
+
+def _check_init(init: PyTree, params: PyTree, batch_shape: tuple[int, ...]) -> str:
+  """``"shared"`` or ``"batched"``; raises ``ValueError`` for anything else."""
+  if jax.tree.structure(init) != jax.tree.structure(params):
+    raise ValueError(
+        "`init` must have the pytree structure of `params` (or of a previous"
+        f" NormEstimate.vector); got {jax.tree.structure(init)} vs {jax.tree.structure(params)}.")
+  shapes = [(tuple(np.shape(v)), tuple(np.shape(p)))
+            for v, p in zip(jax.tree.leaves(init), jax.tree.leaves(params))]
+  if all(v == p for v, p in shapes):
+    return "shared"
+  if batch_shape and all(v == tuple(batch_shape) + p for v, p in shapes):
+    return "batched"
+  raise ValueError(
+      "`init` leaves must have the shapes of `params` or, with a leading"
+      f" {tuple(batch_shape)} batch, those of a previous NormEstimate.vector;"
+      f" got {[v for v, _ in shapes]} for params {[p for _, p in shapes]}.")
