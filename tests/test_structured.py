@@ -1,5 +1,7 @@
 """`method="structured"` against the dense ravel_pytree/jacrev reference."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,7 +82,8 @@ def _linen(module, x):
 
 
 def _inputs(shape, seed=1):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+  # NumPy draws: jax.random.normal compiles once per shape, which dominates test time.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 CASES = {
@@ -91,17 +94,18 @@ CASES = {
         *_linen(CNN("VALID", 2, 2), _inputs((3, 7, 7, 2))), _inputs((2, 7, 7, 2), 2)),
     "embed_dense": lambda: (
         *_linen(EmbedDense(), jnp.zeros((4, 3), jnp.int32)),
-        jax.random.randint(jax.random.PRNGKey(3), (3, 3), 0, 7)),
+        jnp.asarray(np.random.default_rng(3).integers(0, 7, (3, 3)), jnp.int32)),
     "norm_residual": lambda: (*_linen(NormResidual(), _inputs((4, 3))), _inputs((3, 3), 2)),
     "shared": lambda: (*_linen(Shared(), _inputs((4, 4))), _inputs((3, 4), 2)),
     "heads": lambda: (*_linen(Heads(), _inputs((4, 8))), _inputs((3, 8), 2)),
 }
 
 
+@functools.lru_cache(maxsize=None)  # one init per model across parametrisations
 def _case(name):
   apply_fn, params, x2 = CASES[name]()
   if name == "embed_dense":
-    x1 = jax.random.randint(jax.random.PRNGKey(4), (4, 3), 0, 7)
+    x1 = jnp.asarray(np.random.default_rng(4).integers(0, 7, (4, 3)), jnp.int32)
   else:
     x1 = _inputs((4,) + x2.shape[1:], 5)
   return apply_fn, params, x1, x2
@@ -155,9 +159,7 @@ def test_raw_function_with_reused_and_unrecognised_leaves():
     h = h @ (p["u"] @ p["u"])
     return jnp.tanh(h) @ p["v"]
 
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  params = {"w": jax.random.normal(keys[0], (3, 4)), "u": jax.random.normal(keys[1], (4, 4)) / 2,
-            "v": jax.random.normal(keys[2], (4, 2))}
+  params = {"w": _inputs((3, 4), 0), "u": _inputs((4, 4), 1) / 2, "v": _inputs((4, 2), 2)}
   x = _inputs((4, 3))
   plan = structured._analyse(structured._trace(apply_fn, params, x))
   leaves = list(jax.tree_util.tree_flatten_with_path(params)[0])
@@ -191,21 +193,20 @@ def test_no_structure_falls_back_to_jacobian():
 
 
 def test_layer_kernel_orders_agree():
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  a1, a2 = jax.random.normal(keys[0], (3, 2, 5, 4)), jax.random.normal(keys[1], (2, 2, 5, 4))
-  g1, g2 = jax.random.normal(keys[2], (3, 3, 2, 5, 6)), jax.random.normal(keys[3], (2, 3, 2, 5, 6))
-  for trace_outputs in (False, True):
-    spec = "igsc,jgtc,iagso,jagto->ij" if trace_outputs else "igsc,jgtc,iagso,jbgto->iajb"
-    expected = np.einsum(spec, *map(np.asarray, (a1, a2, g1, g2)))
-    gram = structured._layer_kernel(a1, g1, a2, g2, trace_outputs)
-    old = structured._MAX_GRAM_ELEMENTS
-    structured._MAX_GRAM_ELEMENTS = 0  # force the Jacobian order
-    try:
-      jac = structured._layer_kernel(a1, g1, a2, g2, trace_outputs)
-    finally:
-      structured._MAX_GRAM_ELEMENTS = old
-    assert_close_fro(gram, expected)
-    assert_close_fro(jac, expected)
+  a1, a2 = _inputs((3, 2, 5, 4), 0), _inputs((2, 2, 5, 4), 1)
+  g1, g2 = _inputs((3, 3, 2, 5, 6), 2), _inputs((2, 3, 2, 5, 6), 3)
+  both = lambda *args: [structured._layer_kernel(*args, t) for t in (False, True)]
+  expected = [np.einsum(spec, *map(np.asarray, (a1, a2, g1, g2)))
+              for spec in ("igsc,jgtc,iagso,jbgto->iajb", "igsc,jgtc,iagso,jagto->ij")]
+  gram = jax.jit(both)(a1, g1, a2, g2)
+  old = structured._MAX_GRAM_ELEMENTS
+  structured._MAX_GRAM_ELEMENTS = 0  # force the Jacobian order
+  try:
+    jac = jax.jit(both)(a1, g1, a2, g2)
+  finally:
+    structured._MAX_GRAM_ELEMENTS = old
+  for got in (*gram, *jac):
+    assert_close_fro(got, expected[got.ndim == 2])
 
 
 def test_memory_budget_blocks_structured_kernel():
