@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import ntk_diag as nd
-from reference import assert_close_fro, dense_ntk
+from reference import assert_close_fro, dense_jacobian, dense_ntk, ntk_from_jacobians
 
 METHODS = ("jacobian", "ntk_vp", "structured", "auto")
 N1, N2 = 5, 3
@@ -173,9 +173,17 @@ def model(name):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(name, cross, trace_outputs):
+def jacobians(name):
+  """Dense reference Jacobians ``(J1, J2)`` of x1 and x2, one jacrev per model."""
   apply_fn, params, x1, x2 = model(name)
-  return dense_ntk(apply_fn, params, x1, x2 if cross else None, trace_outputs=trace_outputs)
+  both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
+  jac = dense_jacobian(apply_fn, params, both)
+  return jac[:N1], jac[N1:]
+
+
+def reference(name, cross, trace_outputs):
+  j1, j2 = jacobians(name)
+  return ntk_from_jacobians(j1, j2 if cross else j1, trace_outputs=trace_outputs)
 
 
 def _expected_shape(name, n1, n2, trace_outputs):
@@ -250,12 +258,19 @@ def test_scalar_output_model_shapes():
 # Blocking: batch_size never changes the result.
 # --------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _blocking_case():
+  apply_fn, params, _, _ = model("mlp")
+  x1, x2 = _normal(11, (7, 4)), _normal(12, (5, 4))  # 3 divides neither 7 nor 5
+  jac = dense_jacobian(apply_fn, params, jnp.concatenate([x1, x2]))
+  return apply_fn, params, x1, x2, jac[:7], jac[7:]
+
+
 @pytest.mark.parametrize("trace_outputs", [False, True])
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_size_blocks_give_identical_kernel(method, trace_outputs):
-  apply_fn, params, _, _ = model("mlp")
-  x1, x2 = _normal(11, (7, 4)), _normal(12, (5, 4))  # 3 divides neither 7 nor 5
-  ref = dense_ntk(apply_fn, params, x1, x2, trace_outputs=trace_outputs)
+  apply_fn, params, x1, x2, j1, j2 = _blocking_case()
+  ref = ntk_from_jacobians(j1, j2, trace_outputs=trace_outputs)
   whole = nd.empirical_ntk(apply_fn, params, x1, x2, trace_outputs=trace_outputs,
                            method=method, batch_size=7)
   blocked = nd.empirical_ntk(apply_fn, params, x1, x2, trace_outputs=trace_outputs,
