@@ -49,7 +49,13 @@ def read_run(directory: str, root: str) -> RunData:
       spectrum = (events[-1].step, np.asarray(values[-1]))
     elif all(np.ndim(v) == 0 for v in values):
       scalars[name] = (np.array([e.step for e in events]), np.array(values, dtype=np.float64))
-  return RunData(name=os.path.relpath(directory, root), scalars=scalars, spectrum=spectrum)
+  return RunData(name=run_name(directory, root), scalars=scalars, spectrum=spectrum)
+
+
+def run_name(directory: str, root: str) -> str:
+  """``directory`` relative to ``root``; the root itself is named after its last component."""
+  name = os.path.relpath(directory, root)
+  return os.path.basename(os.path.abspath(root)) or name if name == os.curdir else name
 
 
 def plot_scalars(runs: list[RunData], out_dir: str) -> list[str]:

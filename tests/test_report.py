@@ -41,6 +41,8 @@ def test_default_out_is_inside_run_dir(run_dir, capsys):
   assert cli.main(["report", str(run_dir / "run_a")]) == 0
   assert (run_dir / "run_a" / "report" / "report.md").is_file()
   assert (run_dir / "run_a" / "report" / "kappa.png").is_file()
+  # A RUN_DIR that is itself the run is named after the directory, not ".".
+  assert "| run_a | kappa |" in (run_dir / "run_a" / "report" / "report.md").read_text()
 
 
 def test_help(capsys):
