@@ -5,7 +5,8 @@
 
 Each (method, traced) pair is run once to compile, then `--repeats` times; the
 median wall time (with `block_until_ready`) is reported, with the speed-up of
-`structured` over each other method. Timings are noisy on shared machines.
+`structured` over each other method. Timings are noisy on shared machines; the
+process CPU time (summed over threads) is printed too as a steadier measure.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ def time_method(apply_fn, params, x, method, trace_outputs, repeats):
                                  trace_outputs=trace_outputs,
                                  batch_size=x.shape[0]).block_until_ready()
   kernel = run()  # compile
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     run()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), kernel
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(times), statistics.median(cpu), kernel
 
 
 def main():
@@ -68,18 +70,18 @@ def main():
 
   for trace_outputs in (False, True):
     label = "traced" if trace_outputs else "full"
-    results, kernels = {}, {}
+    results, cpu, kernels = {}, {}, {}
     for method in methods:
       repeats = args.repeats if method == "structured" else args.slow_repeats
-      results[method], kernels[method] = time_method(apply_fn, params, x, method,
-                                                     trace_outputs, repeats)
+      results[method], cpu[method], kernels[method] = time_method(
+          apply_fn, params, x, method, trace_outputs, repeats)
     ref = kernels[methods[0]]
     for method in methods:
       err = float(jnp.linalg.norm(kernels[method] - ref) / jnp.linalg.norm(ref))
       ratio = ""
       if "structured" in results and method != "structured":
         ratio = f"  structured is {results[method] / results['structured']:6.1f}x faster"
-      print(f"{label:6s} {method:10s} {results[method]:8.3f} s  "
+      print(f"{label:6s} {method:10s} {results[method]:8.3f} s wall {cpu[method]:8.3f} s cpu  "
             f"rel.err vs {methods[0]}: {err:.1e}{ratio}")
 
 

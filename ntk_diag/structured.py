@@ -462,6 +462,14 @@ def _example_stats(plan: _Plan, params: PyTree, x: PyTree):
 _MAX_GRAM_ELEMENTS = 1 << 27
 
 
+def _gram_order(n1, n2, k, g, s1, s2, c, o, trace_outputs: bool) -> bool:
+  """Whether ``(A1 A2ᵀ) ⊙ (G1 G2ᵀ)`` is cheaper than contracting layer Jacobians."""
+  kk = k if trace_outputs else k * k
+  gram_flops = n1 * n2 * g * s1 * s2 * (c + kk * o)
+  jac_flops = (n1 * s1 + n2 * s2) * k * g * c * o + n1 * n2 * kk * g * c * o
+  return gram_flops <= jac_flops and n1 * n2 * kk * g * s1 * s2 <= _MAX_GRAM_ELEMENTS
+
+
 def _layer_kernel(a1, g1, a2, g2, trace_outputs: bool) -> jax.Array:
   """``Σ_g Σ_{s,t} (A1[i,g,s]·A2[j,g,t]) (G1[i,a,g,s]·G2[j,b,g,t])`` in the cheaper order.
 
@@ -470,11 +478,7 @@ def _layer_kernel(a1, g1, a2, g2, trace_outputs: bool) -> jax.Array:
   """
   n1, k, g, s1, o = g1.shape
   n2, s2, c = g2.shape[0], g2.shape[3], a1.shape[-1]
-  kk = k if trace_outputs else k * k
-  gram_flops = n1 * n2 * g * s1 * s2 * (c + kk * o)
-  jac_flops = (n1 * s1 + n2 * s2) * k * g * c * o + n1 * n2 * kk * g * c * o
-  gram_size = n1 * n2 * kk * g * s1 * s2
-  if gram_flops <= jac_flops and gram_size <= _MAX_GRAM_ELEMENTS:
+  if _gram_order(n1, n2, k, g, s1, s2, c, o, trace_outputs):
     if g * s1 * s2 == 1:  # Dense on vectors: two matmuls and a Hadamard product
       aa = jnp.matmul(a1[:, 0, 0], a2[:, 0, 0].T, precision=_HIGHEST)
       if trace_outputs:
@@ -557,8 +561,9 @@ def choose_batch_size(apply_fn: Callable, params: PyTree, x: PyTree, n1: int, n2
   """Largest block of examples whose estimated structured peak memory fits the budget.
 
   Counts, per example, the layer inputs and ``k`` cotangents of every structured
-  layer, the fallback Jacobians and ``k`` cotangents of every intermediate, and
-  per pair of examples the kernel block and the largest layer intermediate.
+  layer, the fallback Jacobians and ``k`` cotangents of every intermediate, plus
+  each layer's Gram products (per pair of examples) or Jacobians (per example),
+  whichever :func:`_layer_kernel` will form, and the kernel block itself.
   Returns None when the structured rules do not apply.
   """
   plan = _plan_or_none(apply_fn, params, x)
@@ -569,13 +574,19 @@ def choose_batch_size(apply_fn: Callable, params: PyTree, x: PyTree, n1: int, n2
   per_example = k * sum(size(graph.param_keys[leaf]) for leaf in plan.fallback)
   per_example += (1 + k) * sum(size(out) for rec in graph.records for out in rec.outs)
   kk = k if trace_outputs else k * k
-  per_pair = 2 * kk
-  for group in plan.groups:
-    g, s, c, o = _group_dims(graph, group)
-    per_example += g * s * (c + k * o)
-    per_pair = max(per_pair, 2 * kk + (kk + 1) * g * s * s)
+  dims = [_group_dims(graph, group) for group in plan.groups]
+  per_example += sum(g * s * (c + k * o) for g, s, c, o in dims)
+
+  def fits(b):
+    peak = 2 * b * per_example + 2 * b * b * kk
+    for g, s, c, o in dims:
+      if _gram_order(b, b, k, g, s, s, c, o, trace_outputs):
+        peak += b * b * (kk + 1) * g * s * s
+      else:
+        peak += 2 * b * k * g * c * o
+    return peak * itemsize <= budget_bytes
+
   n = max(n1, n2)
-  fits = lambda b: (2 * b * per_example + b * b * per_pair) * itemsize <= budget_bytes
   if fits(n):
     return n
   lo, hi = 1, n  # fits(lo) assumed; the smallest block is always allowed
@@ -591,8 +602,8 @@ def _group_dims(graph: _Graph, group: _Group) -> tuple[int, int, int, int]:
   for use in group.uses:
     rec = graph.records[use.rec]
     if use.kind == "dot":
-      g, s, c = _dot_layout(rec, use.operand, graph.shapes)[1]
-      o = _dot_layout(rec, use.operand, graph.shapes)[3][2]
+      layout = _dot_layout(rec, use.operand, graph.shapes)
+      (g, s, c), o = layout[1], layout[3][2]
     else:
       g, s, c, o = _conv_layout(rec, graph.shapes)
     s_total += s

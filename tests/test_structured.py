@@ -76,6 +76,18 @@ class Heads(nn.Module):
     return nn.Dense(2)(h.reshape(h.shape[0], -1))
 
 
+class ConvMix(nn.Module):
+  """1-D transposed and dilated convs, DenseGeneral over two axes, BatchNorm (inference)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.ConvTranspose(3, (3,), strides=(2,))(x)
+    h = nn.Conv(3, (3,), kernel_dilation=(2,), padding="CIRCULAR")(jnp.tanh(h))
+    h = nn.DenseGeneral((2, 2), axis=(-2, -1))(h)
+    h = nn.BatchNorm(use_running_average=True)(h)
+    return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+
 def _linen(module, x):
   variables = module.init(jax.random.PRNGKey(0), x)
   return nd.from_linen(module, variables)
@@ -92,6 +104,7 @@ CASES = {
     "cnn_same": lambda: (*_linen(CNN(), _inputs((3, 5, 5, 2))), _inputs((2, 5, 5, 2), 2)),
     "cnn_valid_strided_grouped": lambda: (
         *_linen(CNN("VALID", 2, 2), _inputs((3, 7, 7, 2))), _inputs((2, 7, 7, 2), 2)),
+    "conv_mix": lambda: (*_linen(ConvMix(), _inputs((3, 6, 2))), _inputs((2, 6, 2), 2)),
     "embed_dense": lambda: (
         *_linen(EmbedDense(), jnp.zeros((4, 3), jnp.int32)),
         jnp.asarray(np.random.default_rng(3).integers(0, 7, (3, 3)), jnp.int32)),
