@@ -133,9 +133,10 @@ def choose_batch_size(method: str, n1: int, n2: int, k: int, num_params: int,
                       itemsize: int, budget_bytes: int) -> int:
   """Largest block of examples whose estimated peak memory fits ``budget_bytes``.
 
-  ``"jacobian"``/``"structured"`` hold two blocks of per-example Jacobians,
-  ``2·b·k·P`` scalars; ``"ntk_vp"`` holds ``O(P)`` per column and needs no
-  blocking beyond the kernel itself.
+  ``"jacobian"`` holds two blocks of per-example Jacobians, ``2·b·k·P`` scalars
+  (also the estimate for ``"structured"`` when its own,
+  :func:`ntk_diag.structured.choose_batch_size`, does not apply); ``"ntk_vp"``
+  holds ``O(P)`` per column and needs no blocking beyond the kernel itself.
   """
   n = max(n1, n2)
   if method == "ntk_vp":

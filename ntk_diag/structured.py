@@ -238,6 +238,14 @@ def _conv_kernel_index(rec: _Rec, idx: np.ndarray) -> np.ndarray:
 
 
 def _analyse(graph: _Graph) -> _Plan:
+  """Classify every parameter leaf: structured weight, folded bias, or fallback.
+
+  Each leaf is followed through view primitives (tracking which leaf element sits
+  where as an index array). A leaf is structured when every use is a bijective
+  view feeding a ``dot_general`` (either operand) or a conv kernel, all in the same
+  layout; a bias leaf is folded when every use is ``add``-ed to the sole consumer
+  of one such layer output and broadcast over positions. Anything else falls back.
+  """
   num_leaves = len(graph.param_keys)
   # key -> (leaf, index array in that key's layout)
   views = {}
@@ -250,7 +258,8 @@ def _analyse(graph: _Graph) -> _Plan:
         consumers.setdefault(atom, []).append((r, pos))
   bad = set()
   weight_uses = {leaf: [] for leaf in range(num_leaves)}
-  bias_uses = {leaf: [] for leaf in range(num_leaves)}  # (add record, layer use)
+  # (add record, position of the other operand, leaf indices of the added view)
+  bias_uses = {leaf: [] for leaf in range(num_leaves)}
   if not isinstance(graph.out_key, _Lit) and graph.out_key in views:
     bad.add(views[graph.out_key][0])
 
