@@ -344,15 +344,23 @@ def lazy_ratio_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array,
   outputs = _model.batched(apply_fn)(params, x)
   residual = outputs - jnp.asarray(y, outputs.dtype).reshape(outputs.shape)
   residual_norm = jnp.linalg.norm(residual.reshape(-1))
-  numerator = hess.value * residual_norm
-  denominator = jac.value ** 2
-  big = jnp.finfo(numerator.dtype).max
-  kappa = jnp.where(
-      numerator > 0,
-      jnp.minimum(numerator / jnp.where(denominator > 0, denominator, 1.0), big), 0.0)
-  kappa = jnp.where(jnp.logical_and(numerator > 0, denominator <= 0), big, kappa)
-  return LazyReport(kappa=kappa, jacobian_norm=jac, hessian_norm=hess,
-                    residual_norm=residual_norm)
+  return LazyReport(kappa=kappa(hess.value, jac.value, residual_norm), jacobian_norm=jac,
+                    hessian_norm=hess, residual_norm=residual_norm)
+
+
+def kappa(hessian_norm: jax.Array, jacobian_norm: jax.Array,
+          residual_norm: jax.Array) -> jax.Array:
+  """Seed eq. (3): ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f − y‖``.
+
+  0 when the numerator is 0; the dtype's largest finite value when only the
+  Jacobian norm is 0; NaN when any input is NaN (a diverged run stays visible).
+  """
+  numerator = hessian_norm * residual_norm
+  denominator = jacobian_norm ** 2
+  big = jnp.finfo(jnp.result_type(numerator)).max
+  ratio = jnp.minimum(numerator / jnp.where(denominator > 0, denominator, 1.0), big)
+  value = jnp.where(numerator == 0, 0.0, jnp.where(denominator > 0, ratio, big))
+  return jnp.where(jnp.isnan(numerator) | jnp.isnan(denominator), jnp.nan, value)
 
 
 _jacobian_norm_jit = jax.jit(jacobian_norm_core, static_argnames=_STATIC)

@@ -80,15 +80,23 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | N
   num_params = _tree.tree_size(params)
   if method == "auto":
     method = choose_method(apply_fn, params, x1, n1, n2, k, num_params, bool(trace_outputs))
+  budget = memory_budget_bytes or _memory.default_budget_bytes()
+  itemsize = jnp.dtype(_model.param_dtype(params)).itemsize
+  fitting = None
+  if method == "structured":
+    from ntk_diag import structured  # local: structured imports this module
+    fitting = structured.choose_batch_size(apply_fn, params, x1, n1, n2, k,
+                                           bool(trace_outputs), itemsize, budget)
+  if fitting is None:
+    fitting = choose_batch_size(method, n1, n2, k, num_params, itemsize, budget)
   if batch_size is None:
-    budget = memory_budget_bytes or _memory.default_budget_bytes()
-    itemsize = jnp.dtype(_model.param_dtype(params)).itemsize
-    if method == "structured":
-      from ntk_diag import structured  # local: structured imports this module
-      batch_size = structured.choose_batch_size(apply_fn, params, x1, n1, n2, k,
-                                                bool(trace_outputs), itemsize, budget)
-    if batch_size is None:
-      batch_size = choose_batch_size(method, n1, n2, k, num_params, itemsize, budget)
+    batch_size = fitting
+  elif min(batch_size, max(n1, n2)) > fitting:
+    # Refuse before XLA tries (and the OS kills the process).
+    raise ValueError(
+        f"`batch_size`={batch_size} exceeds the memory budget of {budget / 2**30:.2f} GiB for "
+        f"method={method!r} with P={num_params} parameters and k={k} outputs; "
+        f"batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
   kernel = _ntk_jit(apply_fn, params, x1, x2, trace_outputs=bool(trace_outputs),
                     method=method, batch_size=batch_size)
   if out_shape == () and not trace_outputs:

@@ -68,6 +68,9 @@ class SnapshotConfig:
       ``sup_x ‖∇²f(x)‖`` is taken; ``None`` = all. The Hessian costs
       ``k · num_iters`` Hessian-vector products per example.
     seed: seed of the estimators' random start vectors.
+    warm_start_bytes: the eigenvectors of one snapshot warm-start the next
+      when they fit in this many bytes (``hessian_examples · k`` parameter-sized
+      vectors); otherwise every snapshot starts cold.
   """
   ntk_method: str = "auto"
   ntk_trace_outputs: bool = True
@@ -78,6 +81,7 @@ class SnapshotConfig:
   jacobian_examples: int | None = None
   hessian_examples: int | None = 8
   seed: int = 0
+  warm_start_bytes: int = 256 * 2**20
 
   def validate(self) -> None:
     _validation.check_one_of("ntk_method", self.ntk_method, ntk.METHODS)
@@ -143,27 +147,54 @@ class SnapshotEngine:
                       else self._kernel(self.theta0, self.probe_x))
     self._prev_kernel = self.kernel0
     self._prev_step: int | None = None
+    self._norm_examples = (min(n, config.jacobian_examples or n), min(n, config.hessian_examples or n))
+    self._warm = self._initial_vectors(out_shape) if groups.norms else None
+
+  def _initial_vectors(self, out_shape: tuple[int, ...]):
+    """Random start vectors shaped like the solvers' outputs, so that every
+    snapshot (the first included) passes the same structure to the compiled
+    function; ``None`` (cold starts) if they would exceed ``warm_start_bytes``."""
+    k = _model.num_outputs(out_shape)
+    n_jac, n_hess = self._norm_examples
+    iterative_jacobian = k > norms.GRAM_MAX_OUTPUTS
+    per_vector = _tree.tree_size(self.theta0) * jnp.dtype(_model.param_dtype(self.theta0)).itemsize
+    count = n_hess * k + (n_jac if iterative_jacobian else 0)
+    if count * per_vector > self.config.warm_start_bytes:
+      return None
+    key_jac, key_hess = jax.random.split(jax.random.key(self.config.seed + 1))
+    batched = lambda key, shape: _tree.tree_random_normal_like(
+        key, jax.tree.map(lambda p: jax.ShapeDtypeStruct(shape + p.shape, p.dtype), self.theta0))
+    jac = batched(key_jac, (n_jac,)) if iterative_jacobian else None
+    return (jac, batched(key_hess, (n_hess, k)))
 
   def _kernel(self, params: PyTree, x: PyTree) -> jax.Array:
     return ntk.empirical_ntk(self.apply_fn, params, x, trace_outputs=self.config.ntk_trace_outputs,
                              method=self.config.ntk_method, batch_size=self.config.ntk_batch_size)
 
   def run(self, params: PyTree, step: int) -> EngineResult:
-    """Computes one snapshot at ``params`` (one compiled call, then host transfer)."""
+    """Computes one snapshot at ``params`` (one compiled call, then host transfer).
+
+    A non-finite snapshot is reported but does not become the reference of the
+    next one (kernel velocity, warm starts), so training that recovers gets
+    finite diagnostics again.
+    """
     step_delta = 1.0 if self._prev_step is None else float(max(step - self._prev_step, 1))
-    out = self._compute(params, self.theta0, self.f0, self.kernel0, self._prev_kernel,
-                        jnp.float32(step_delta), self.probe_x, self.probe_y)
-    scalars, extras = jax.device_get(out)
+    scalars, extras, vectors = self._compute(
+        params, self.theta0, self.f0, self.kernel0, self._prev_kernel, jnp.float32(step_delta),
+        self.probe_x, self.probe_y, self._warm)
+    kernel = extras.get("kernel")
+    scalars, extras = jax.device_get((scalars, extras))
     scalars = {name: float(value) for name, value in scalars.items()}
     finite = all(np.isfinite(v) for v in scalars.values())
     scalars["nonfinite"] = 0.0 if finite else 1.0
-    if self.groups.ntk:
-      self._prev_kernel = out[1]["kernel"]
-    self._prev_step = step
+    if finite:
+      self._prev_kernel = kernel if self.groups.ntk else None
+      self._warm = vectors if vectors is not None else self._warm  # stays on device
+      self._prev_step = step
     return EngineResult(scalars=scalars, eigenvalues=extras.get("eigenvalues"),
                         kernel=extras.get("kernel"), finite=finite)
 
-  def _snapshot(self, params, theta0, f0, kernel0, prev_kernel, step_delta, x, y):
+  def _snapshot(self, params, theta0, f0, kernel0, prev_kernel, step_delta, x, y, warm):
     cfg = self.config
     n = y.shape[0]
     outputs = self.apply_fn(params, x)
@@ -183,21 +214,27 @@ class SnapshotEngine:
           jnp.linalg.norm((kernel - prev_kernel).reshape(-1)),
           jnp.linalg.norm(kernel0.reshape(-1)) * step_delta)
       extras = {"kernel": kernel, "eigenvalues": stats["eigenvalues"]}
+    vectors = None
     if self.groups.norms:
-      key = jax.random.key(cfg.seed)
-      norm_kwargs = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method, key=key)
-      x_jac = _model.take(x, jnp.arange(min(n, cfg.jacobian_examples or n)))
-      x_hess = _model.take(x, jnp.arange(min(n, cfg.hessian_examples or n)))
-      jac = norms.jacobian_norm(self.apply_fn, params, x_jac, **norm_kwargs)
-      hess = norms.hessian_norm(self.apply_fn, params, x_hess, **norm_kwargs)
+      n_jac, n_hess = self._norm_examples
+      options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
+                     return_vector=warm is not None)
+      key_jac, key_hess = jax.random.split(jax.random.key(cfg.seed))
+      jac = norms.jacobian_norm_core(self.apply_fn, params, _model.take(x, jnp.arange(n_jac)),
+                                     key=key_jac, init=None if warm is None else warm[0], **options)
+      hess = norms.hessian_norm_core(self.apply_fn, params, _model.take(x, jnp.arange(n_hess)),
+                                     key=key_hess, init=None if warm is None else warm[1],
+                                     **options)
       scalars["jacobian_norm"] = jac.value
       scalars["hessian_norm"] = hess.value
-      scalars["kappa"] = _safe_ratio(hess.value * residual_norm, jnp.square(jac.value))
+      scalars["kappa"] = norms.kappa(hess.value, jac.value, residual_norm)
+      if warm is not None:
+        vectors = (jac.vector, hess.vector)
     if self.groups.twin:
       twin = linearize(self.apply_fn, theta0)(params, x)
       scalars["twin_gap"] = _safe_ratio(jnp.linalg.norm((outputs - twin).reshape(-1)),
                                         jnp.linalg.norm((outputs - f0).reshape(-1)))
-    return scalars, extras
+    return scalars, extras, vectors
 
 
 def kernel_size(kernel: jax.Array) -> int:

@@ -148,10 +148,11 @@ def test_no_recompilation_after_first_snapshot(tmp_path):
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None)
+  variants = [jax.tree.map(lambda a: a * (1 + 0.01 * step), params) for step in range(1, 4)]
   hook(0, params=params)
   compiles.clear()
-  for step in range(1, 4):
-    hook(step, params=jax.tree.map(lambda a: a * (1 + 0.01 * step), params))
+  for step, p in enumerate(variants, start=1):
+    assert hook(step, params=p)
   assert compiles == []
 
 

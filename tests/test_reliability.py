@@ -93,7 +93,7 @@ def test_wrong_target_shape_disables_hook_without_crashing(tmp_path):
     (lambda f, p, x: nd.lazy_ratio(f, p, x, jnp.ones((5, 2))), "y"),
     (lambda f, p, x: nd.lazy_ratio(f, p, x, jnp.ones((6, 3))), "y"),
     (lambda f, p, x: nd.kernel_predictor(jnp.eye(6), jnp.ones((5, 2))), "y_train"),
-    (lambda f, p, x: nd.kernel_predictor(jnp.zeros((6, 6)), jnp.ones((6, 2))), "ridge"),
+    (lambda f, p, x: nd.kernel_predictor(jnp.zeros((6, 6)), jnp.ones((6, 2)))(), "ridge"),
 ])
 def test_functional_api_errors_name_the_argument(call, match):
   apply_fn, params, x, _ = _setup()
