@@ -27,5 +27,26 @@ docs: venv
 bench: venv
 	$(PY) benchmarks/run.py
 
+# Reference timings of neural-tangents in its own venv (old jax); not part of
+# `make test`/CI. Writes benchmarks/peer_results.json, which `make bench` shows.
+# neural-tangents is installed without its dependencies: it declares the full
+# `tensorflow` (only its experimental TF port imports it); tensorflow-cpu and
+# tf2jax satisfy its import. PIP_CONSTRAINT= drops the machine's global pip
+# constraint file for this venv only.
+PEER_VENV := .venv-peer
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP):
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	PIP_CONSTRAINT= $(PEER_PY) -m pip install -q --upgrade pip
+	PIP_CONSTRAINT= $(PEER_PY) -m pip install -q jax==0.4.25 jaxlib==0.4.25 'numpy<2' \
+	    flax==0.8.4 'tensorflow-cpu<2.17' tf2jax==0.3.6 frozendict
+	PIP_CONSTRAINT= $(PEER_PY) -m pip install -q --no-deps neural-tangents==0.6.5
+	touch $(PEER_STAMP)
+
+bench-peer: $(PEER_STAMP)
+	$(PEER_PY) benchmarks/peer_nt.py
+
 clean:
-	rm -rf $(VENV) docs/_build runs
+	rm -rf $(VENV) $(PEER_VENV) docs/_build runs
