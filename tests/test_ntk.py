@@ -86,6 +86,18 @@ class MultiAxisOutput(nn.Module):
     return nn.Dense(6)(nn.tanh(nn.Dense(8)(x))).reshape(x.shape[0], 2, 3)
 
 
+class SharedLayers(nn.Module):
+  """One Dense applied twice (tied weights), a residual, LayerNorm, and a Dense
+  over a sequence axis: layer-structure rules must sum every use of a kernel."""
+
+  @nn.compact
+  def __call__(self, x):  # (n, 3, 4)
+    tied = nn.Dense(4)
+    h = x + tied(nn.LayerNorm()(x))
+    h = tied(nn.tanh(h))
+    return nn.DenseGeneral(2, axis=(-2, -1))(h)
+
+
 class NNXNet(nnx.Module):
 
   def __init__(self, rngs):
@@ -146,6 +158,10 @@ def build_multi_axis():
   return _linen(MultiAxisOutput(), _normal(1, (N1, 4)), _normal(2, (N2, 4)))
 
 
+def build_shared_layers():
+  return _linen(SharedLayers(), _normal(1, (N1, 3, 4)), _normal(2, (N2, 3, 4)))
+
+
 def build_nnx():
   model = NNXNet(nnx.Rngs(0))
   model(3.0 * _normal(3, (16, 4)) + 1.0)  # train mode: updates running stats
@@ -163,6 +179,7 @@ BUILDERS = {
     "dict_input": build_dict_input,
     "multi_axis": build_multi_axis,
     "nnx": build_nnx,
+    "shared_layers": build_shared_layers,
 }
 
 
