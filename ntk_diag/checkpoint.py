@@ -1,7 +1,7 @@
 """θ0, the probe set and the NTK at θ0, checkpointed with orbax.
 
 Layout: ``{workdir}/ntk_diag/initial`` is an orbax PyTree checkpoint holding
-``{"params": {name: array}, "probe_x": ..., "probe_y": ..., "kernel0": ...}``
+``{"params": {name: array}, "probe_x": ..., "probe_y": ..., "kernel0": ..., "step": ...}``
 where ``name`` is the dotted key path of each parameter leaf (for example
 ``"Dense_0.kernel"``, or ``"layers.0.kernel.value"`` for NNX state). Arrays are
 saved from host memory, so θ0 restores bitwise. Orbax writes to a temporary
@@ -30,6 +30,7 @@ class InitialState:
   probe_x: PyTree
   probe_y: np.ndarray
   kernel0: np.ndarray | None
+  step: int = 0
 
 
 def checkpoint_path(workdir: str) -> str:
@@ -74,6 +75,7 @@ def save_initial_state(workdir: str, state: InitialState) -> None:
       "params": _flat_params(state.params),
       "probe_x": jax.device_get(state.probe_x),
       "probe_y": np.asarray(jax.device_get(state.probe_y)),
+      "step": np.asarray(state.step, np.int64),
   }
   if state.kernel0 is not None:
     tree["kernel0"] = np.asarray(jax.device_get(state.kernel0))
@@ -115,7 +117,8 @@ def restore_initial_state(workdir: str, like_params: PyTree) -> InitialState:
   params = jax.tree.unflatten(treedef, [saved[name] for name in leaf_names(like_params)])
   kernel0 = raw.get("kernel0")
   return InitialState(params=params, probe_x=raw["probe_x"], probe_y=np.asarray(raw["probe_y"]),
-                      kernel0=None if kernel0 is None else np.asarray(kernel0))
+                      kernel0=None if kernel0 is None else np.asarray(kernel0),
+                      step=int(raw.get("step", 0)))
 
 
 def _flat_params_shapes(params: PyTree) -> dict[str, Any]:

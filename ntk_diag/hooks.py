@@ -138,7 +138,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       # Wrong probe targets, a stale workdir...: without `strict` the hook
       # turns itself off instead of killing the run.
       if not self._guarded(step, "could not start; the hook is disabled",
-                           lambda: setattr(self, "_engine", self._initialize(params))):
+                           lambda: setattr(self, "_engine", self._initialize(params, step))):
         self._disabled = True
         return False
     self._params = params
@@ -155,17 +155,18 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     return self._engine.theta0
 
   # ---------------------------------------------------------------- internals
-  def _initialize(self, params: PyTree) -> snapshot_lib.SnapshotEngine:
+  def _initialize(self, params: PyTree, step: int) -> snapshot_lib.SnapshotEngine:
     if checkpoint.has_initial_state(self._workdir):
       state = checkpoint.restore_initial_state(self._workdir, params)
       return snapshot_lib.SnapshotEngine(self._apply_fn, state.params, state.probe_x, state.probe_y,
-                                         kernel0=state.kernel0, groups=self._groups,
-                                         config=self._config)
+                                         kernel0=state.kernel0, step0=state.step,
+                                         groups=self._groups, config=self._config)
     engine = snapshot_lib.SnapshotEngine(self._apply_fn, params, self._probe_x, self._probe_y,
-                                         kernel0=None, groups=self._groups, config=self._config)
+                                         kernel0=None, step0=step, groups=self._groups,
+                                         config=self._config)
     checkpoint.save_initial_state(self._workdir, checkpoint.InitialState(
         params=engine.theta0, probe_x=engine.probe_x, probe_y=engine.probe_y,
-        kernel0=engine.kernel0))
+        kernel0=engine.kernel0, step=step))
     return engine
 
   def _apply(self, step: int, t: float) -> None:

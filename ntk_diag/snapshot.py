@@ -128,7 +128,7 @@ class SnapshotEngine:
   """θ0, the probe set, K0, and the compiled snapshot function."""
 
   def __init__(self, apply_fn: Callable, theta0: PyTree, probe_x: PyTree, probe_y: Any, *,
-               kernel0: Any, groups: Groups, config: SnapshotConfig):
+               kernel0: Any, step0: int = 0, groups: Groups, config: SnapshotConfig):
     self.apply_fn = apply_fn
     self.groups = groups
     self.config = config
@@ -146,7 +146,8 @@ class SnapshotEngine:
       self.kernel0 = (jnp.asarray(kernel0) if kernel0 is not None
                       else self._kernel(self.theta0, self.probe_x))
     self._prev_kernel = self.kernel0
-    self._prev_step: int | None = None
+    # Velocity of the first snapshot (also after a resume) is measured from θ0.
+    self._prev_step = step0
     self._norm_examples = (min(n, config.jacobian_examples or n), min(n, config.hessian_examples or n))
     self._warm = self._initial_vectors(out_shape) if groups.norms else None
 
@@ -178,7 +179,7 @@ class SnapshotEngine:
     next one (kernel velocity, warm starts), so training that recovers gets
     finite diagnostics again.
     """
-    step_delta = 1.0 if self._prev_step is None else float(max(step - self._prev_step, 1))
+    step_delta = float(max(step - self._prev_step, 1))
     scalars, extras, vectors = self._compute(
         params, self.theta0, self.f0, self.kernel0, self._prev_kernel, jnp.float32(step_delta),
         self.probe_x, self.probe_y, self._warm)

@@ -140,6 +140,9 @@ def test_restart_restores_theta0_and_measures_from_it(tmp_path):
   ref = float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(moved)[0] - flat0) / jnp.linalg.norm(flat0))
   assert hook2.last.scalars["weight_change"] == pytest.approx(ref, abs=1e-3)
   assert read_scalars(tmp_path)["ntk_diag/weight_change"][10] == pytest.approx(ref, abs=1e-3)
+  # The first snapshot after the restart measures kernel velocity from θ0 (step 0).
+  scalars = hook2.last.scalars
+  assert scalars["kernel_velocity"] == pytest.approx(scalars["kernel_drift"] / 10, rel=1e-3)
 
 
 def test_no_recompilation_after_first_snapshot(tmp_path):
