@@ -29,10 +29,11 @@ bench: venv
 
 # Reference timings of neural-tangents in its own venv (old jax); not part of
 # `make test`/CI. Writes benchmarks/peer_results.json, which `make bench` shows.
-# neural-tangents is installed without its dependencies: it declares the full
-# `tensorflow` (only its experimental TF port imports it); tensorflow-cpu and
-# tf2jax satisfy its import. PIP_CONSTRAINT= drops the machine's global pip
-# constraint file for this venv only.
+# neural-tangents 0.6.5 imports tensorflow + tf2jax at import time (its
+# experimental TF port); tf2jax 0.3.6 pulls the full `tensorflow` wheel anyway,
+# so tensorflow-cpu is redundant but harmless (~2.5 GB venv; tested 2026-11-28:
+# tensorflow 2.16.2, numpy 1.26.4). PIP_CONSTRAINT= drops the machine's global
+# pip constraint file (it only caps torch) for this venv only.
 PEER_VENV := .venv-peer
 PEER_PY := $(PEER_VENV)/bin/python
 PEER_STAMP := $(PEER_VENV)/.installed

@@ -34,6 +34,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="n=64, fewer repeats")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--impls", default="1,2,3",
+                      help="implementations to time; others are kept from an existing --out file")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "peer_results.json"))
   args = parser.parse_args()
@@ -51,12 +53,19 @@ def main():
   print(f"neural-tangents {nt.__version__ if hasattr(nt, '__version__') else '?'}; "
         f"{_timing.machine()}; MLP {_timing.NTK_WIDTHS}, n={n}", flush=True)
 
-  results = {"date": datetime.date.today().isoformat(), "machine": _timing.machine(),
-             "n": n, "widths": list(_timing.NTK_WIDTHS), "repeats": repeats, "kernels": {}}
+  impls = {i: IMPLEMENTATIONS[i] for i in map(int, args.impls.split(","))}
+  results = {"kernels": {}}
+  if len(impls) < len(IMPLEMENTATIONS) and os.path.exists(args.out):
+    with open(args.out) as f:
+      results = json.load(f)
+    if results.get("n") != n:
+      results = {"kernels": {}}
+  results.update({"date": datetime.date.today().isoformat(), "machine": _timing.machine(),
+                  "n": n, "widths": list(_timing.NTK_WIDTHS), "repeats": repeats})
   for traced in (False, True):
     label = "traced" if traced else "full"
     fns = {}
-    for impl, name in IMPLEMENTATIONS.items():
+    for impl, name in impls.items():
       ntk_fn = nt.empirical_ntk_fn(apply_fn, trace_axes=(-1,) if traced else (),
                                    vmap_axes=0, implementation=impl)
       jitted = jax.jit(lambda p, xs, f=ntk_fn: f(xs, None, p))
