@@ -109,6 +109,8 @@ def bench_ntk(quick: bool, repeats: int, methods=("structured", "jacobian", "ntk
       speedup = timed["jacobian"]["median"] / t_s
       print(f"targets: structured ≥ 20× faster than jacobian: {speedup:.1f}× -> "
             f"{'holds' if speedup >= 20 else 'MISSED'}", end="")
+    else:
+      print("targets: (jacobian not run)", end="")
     if peer:
       ratio = t_s / peer["kernels"][label]["nt_structured"]["median_s"]
       print(f"; structured ≤ 1.0× NT impl. 3: {ratio:.2f}× -> "
@@ -123,6 +125,9 @@ def main():
   parser.add_argument("--quick", action="store_true", help="short run")
   parser.add_argument("--only", default="ntk,norms,hook", help="comma-separated sections")
   parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+  parser.add_argument("--hook-norms", action="store_true",
+                      help="include the norms group in the hook section (default off: with the "
+                           "current defaults one norms snapshot takes ~1 min on 2 cores, see README)")
   parser.add_argument("--methods", default="structured,jacobian,ntk_vp",
                       help="NTK methods (structured first)")
   args = parser.parse_args()
@@ -136,7 +141,10 @@ def main():
     norms_accuracy.run(quick=args.quick)
   if "hook" in sections:
     import hook_overhead
-    hook_overhead.run(quick=args.quick, repeats=3 if args.quick else 5)
+    if not args.hook_norms:
+      print("\n(hook section without the norms group; pass --hook-norms to include it)")
+    hook_overhead.run(quick=args.quick, repeats=3 if args.quick else 5,
+                      compute_norms=args.hook_norms)
 
 
 if __name__ == "__main__":
