@@ -262,10 +262,7 @@ def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
   f = _model.per_example(apply_fn)
   if k <= GRAM_MAX_OUTPUTS:
     def exact(xi):
-      xb = jax.tree.map(lambda a: a[None], xi)
-      jac = ntk.per_example_jacobians(apply_fn, params, xb)
-      gram = ntk.contract_jacobians(jac, jac, False)[0, 0]  # (k, k)
-      return _sqrt(jnp.linalg.eigvalsh(gram)[-1])
+      return _sqrt(jnp.linalg.eigvalsh(ntk.example_gram(apply_fn, params, xi))[-1])
 
     per_bytes = 3 * k * _vector_bytes(params)
     values = _map_problems(exact, x, n, _batch(batch_size, per_bytes, n))
@@ -284,7 +281,7 @@ def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
 
   per_bytes = _solver_vectors(method, num_iters) * _vector_bytes(params)
   values, its, conv, vectors = _map_problems(
-      iterative, (x, batched), n, _batch(batch_size, per_bytes, n))
+      iterative, (x, batched), n, _batch(batch_size, per_bytes, n, solver=True))
   return NormEstimate(value=jnp.max(values), per_example=values, iterations=jnp.max(its),
                       converged=jnp.all(conv), vector=vectors)
 
@@ -317,7 +314,8 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
 
   per_bytes = _solver_vectors(method, num_iters) * _vector_bytes(params)
   values, its, conv, vectors = _map_problems(
-      solve, (examples, outputs, batched), n * k, _batch(batch_size, per_bytes, n * k))
+      solve, (examples, outputs, batched), n * k,
+      _batch(batch_size, per_bytes, n * k, solver=True))
   values = values.reshape(n, k)
   if vectors is not None:
     vectors = jax.tree.map(lambda a: a.reshape((n, k) + a.shape[1:]), vectors)
@@ -404,9 +402,20 @@ def _solver_vectors(method: str, num_iters: int) -> int:
   return 6
 
 
-def _batch(batch_size: int | None, per_problem_bytes: int, count: int) -> int:
+def _batch(batch_size: int | None, per_problem_bytes: int, count: int,
+           solver: bool = False) -> int:
+  """Eigenproblems solved simultaneously.
+
+  ``batch_size`` if given; otherwise as many as fit the memory budget, except
+  that iterative solvers run one problem at a time on CPU: there the
+  single-example matvecs are memory-bound, and vectorising them (which also
+  turns each solver's early exit into a masked step for all) is measured
+  slower than running them in sequence.
+  """
   if batch_size is not None:
     return min(batch_size, count)
+  if solver and jax.default_backend() == "cpu":
+    return 1
   budget = _memory.default_budget_bytes()
   return int(max(1, min(count, budget // max(per_problem_bytes, 1))))
 
@@ -415,7 +424,7 @@ def _map_problems(fn: Callable, xs: PyTree, count: int, batch: int) -> Any:
   """``fn`` over the leading axis of ``xs``: vmapped, ``batch`` problems at a time."""
   if batch >= count:
     return jax.vmap(fn)(xs)
-  return lax.map(fn, xs, batch_size=batch)
+  return lax.map(fn, xs, batch_size=None if batch == 1 else batch)
 
 
 def _start_vectors(init: PyTree | None, params: PyTree, batch_shape: tuple[int, ...],

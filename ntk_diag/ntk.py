@@ -198,6 +198,18 @@ def per_example_jacobians(apply_fn: Callable, params: PyTree, x: PyTree) -> PyTr
   return jax.vmap(jax.jacrev(f), in_axes=(None, 0))(params, x)
 
 
+def example_gram(apply_fn: Callable, params: PyTree, xi: PyTree) -> jax.Array:
+  """``J_x J_xᵀ`` at one example ``xi`` (no batch axis), shape ``(k, k)``.
+
+  The diagonal block ``K[i, i]`` of the NTK, computed with the structured rules
+  where they apply (no Jacobian is formed for Dense/Conv layers) and by
+  Jacobian contraction otherwise.
+  """
+  from ntk_diag import structured  # local: structured imports this module
+  xb = jax.tree.map(lambda a: a[None], xi)
+  return structured.kernel_block_fn(apply_fn, params, False)(xb, xb)[0, 0]
+
+
 def contract_jacobians(jac1: PyTree, jac2: PyTree, trace_outputs: bool) -> jax.Array:
   """``sum_p J1[i, a, p] J2[j, b, p]`` over all leaves -> ``(n1, n2, k, k)`` or ``(n1, n2)``."""
   spec = "iap,jap->ij" if trace_outputs else "iap,jbp->ijab"

@@ -59,7 +59,9 @@ class SnapshotConfig:
     ntk_trace_outputs: log the output-traced ``(n, n)`` kernel (cheap; its
       spectrum has ``n`` values) instead of the full ``(n·k, n·k)`` one.
     ntk_batch_size: ``batch_size`` of :func:`ntk_diag.empirical_ntk`.
-    norm_method: ``"lanczos"`` or ``"power"``.
+    norm_method: ``"power"`` (default: with warm starts it needs few matvecs,
+      and its per-iteration cost is one Hessian-vector product, while
+      Lanczos adds ``O(m·P)`` reorthogonalisation) or ``"lanczos"``.
     num_iters: iteration cap of the norm estimators.
     tol: relative tolerance of the norm estimators.
     jacobian_examples: probe examples (the first ones) over which
@@ -75,11 +77,11 @@ class SnapshotConfig:
   ntk_method: str = "auto"
   ntk_trace_outputs: bool = True
   ntk_batch_size: int | None = None
-  norm_method: str = "lanczos"
+  norm_method: str = "power"
   num_iters: int = 20
   tol: float = 1e-3
   jacobian_examples: int | None = None
-  hessian_examples: int | None = 8
+  hessian_examples: int | None = 4
   seed: int = 0
   warm_start_bytes: int = 256 * 2**20
 

@@ -113,7 +113,7 @@ def test_nnx_loop_with_model_argument(tmp_path):
   hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=4, config=CONFIG)
   for step in range(9):
     if hook(step, model=model):
-      last_params = nnx.state(model, nnx.Param)
+      last_params = jax.tree.map(jnp.array, nnx.state(model, nnx.Param))  # a copy: training updates in place
     train_step(model, optimizer)
   logged = read_scalars(tmp_path)
   assert sorted(logged["ntk_diag/kappa"]) == [0, 4, 8]
@@ -192,6 +192,7 @@ def test_custom_writer_gets_histograms_images_and_flush(tmp_path):
   image = writer.images[0][1]["ntk_diag/ntk_heatmap"]
   assert image.shape == (1, 12, 12, 3) and image.dtype == np.uint8
   assert writer.images[0][1]["ntk_diag/ntk_spectrum"].ndim == 4
+  assert [s for s, _ in writer.images] == [0]  # images_every=10 snapshots by default
 
 
 def test_on_steps_and_group_switches(tmp_path):
