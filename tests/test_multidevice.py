@@ -86,11 +86,12 @@ def diagnostics(p, xs, ys):
   options = dict(num_iters=50, tol=1e-6)
   out["jacobian_norm"] = nd.jacobian_norm(apply_fn, p, xs)
   # lazy_ratio runs jacobian_norm and hessian_norm: the exact per-example
-  # Jacobian norms with Hessian power iteration, then the stacked Jacobian and
-  # the Hessians by Lanczos.
+  # Jacobian norms with Hessian power iteration, then the stacked Jacobian.
+  # Lanczos is left out here: twice a 4-virtual-device Lanczos compile hung on
+  # the 2-core CI machine (not reproduced since); CI must not depend on it.
   out["lazy_ratio/power"] = nd.lazy_ratio(apply_fn, p, xs, ys, method="power", **options)
-  out["lazy_ratio/lanczos/stacked"] = nd.lazy_ratio(
-      apply_fn, p, xs, ys, method="lanczos", stacked=True, **options)
+  out["lazy_ratio/power/stacked"] = nd.lazy_ratio(
+      apply_fn, p, xs, ys, method="power", stacked=True, **options)
   return out
 
 
