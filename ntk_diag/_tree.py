@@ -80,3 +80,17 @@ def tree_normalize(a: PyTree) -> tuple[PyTree, jax.Array]:
   norm = tree_norm(a)
   safe = jnp.where(norm > 0, norm, 1.0)
   return tree_scale(1.0 / safe, a), norm
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+  """Dotted key paths of the leaves of ``tree``, in flattening order
+  (``"Dense_0.kernel"``; ``"layers.0.kernel.value"`` for NNX state)."""
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [".".join(_key_name(e) for e in path) for path, _ in paths]

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ntk_diag import _tree
+
 PyTree = Any
 
 CHECKPOINT_SUBDIR = os.path.join("ntk_diag", "initial")
@@ -41,22 +43,9 @@ def has_initial_state(workdir: str) -> bool:
   return os.path.isdir(checkpoint_path(workdir))
 
 
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def leaf_names(tree: PyTree) -> list[str]:
-  """Dotted key paths of the leaves of ``tree``, in flattening order."""
-  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [".".join(_key_name(e) for e in path) for path, _ in paths]
-
-
 def _flat_params(params: PyTree) -> dict[str, np.ndarray]:
   leaves = jax.device_get(jax.tree.leaves(params))
-  return {name: np.asarray(leaf) for name, leaf in zip(leaf_names(params), leaves)}
+  return {name: np.asarray(leaf) for name, leaf in zip(_tree.leaf_names(params), leaves)}
 
 
 def _signature(flat: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -114,7 +103,7 @@ def restore_initial_state(workdir: str, like_params: PyTree) -> InitialState:
         f"different shape/dtype: {[(n, found[n], expected[n]) for n in changed[:5]]}. "
         "Use a new workdir; the existing checkpoint was not modified.")
   treedef = jax.tree.structure(like_params)
-  params = jax.tree.unflatten(treedef, [saved[name] for name in leaf_names(like_params)])
+  params = jax.tree.unflatten(treedef, [saved[name] for name in _tree.leaf_names(like_params)])
   kernel0 = raw.get("kernel0")
   return InitialState(params=params, probe_x=raw["probe_x"], probe_y=np.asarray(raw["probe_y"]),
                       kernel0=None if kernel0 is None else np.asarray(kernel0),
@@ -124,7 +113,7 @@ def restore_initial_state(workdir: str, like_params: PyTree) -> InitialState:
 def _flat_params_shapes(params: PyTree) -> dict[str, Any]:
   leaves = jax.tree.leaves(params)
   return {name: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
-          for name, leaf in zip(leaf_names(params), leaves)}
+          for name, leaf in zip(_tree.leaf_names(params), leaves)}
 
 
 def load_initial_params(workdir: str, like: PyTree | None = None) -> PyTree:

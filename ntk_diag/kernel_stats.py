@@ -51,7 +51,7 @@ def kernel_stats(kernel: jax.Array, *, K0: jax.Array | None = None, y: jax.Array
   return _stats(matrix, matrix0, targets, top_k=min(top_k, size))
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   """``num / den``, 0 where ``den == 0``; NaN stays NaN."""
   return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
 
@@ -79,14 +79,14 @@ def _stats(matrix, matrix0, targets, *, top_k):
   if matrix0 is not None:
     norm = jnp.linalg.norm(matrix)
     norm0 = jnp.linalg.norm(matrix0)
-    out["kernel_drift"] = _safe_div(jnp.linalg.norm(matrix - matrix0), norm0)
-    cosine = _safe_div(jnp.vdot(matrix, matrix0), norm * norm0)
+    out["kernel_drift"] = safe_div(jnp.linalg.norm(matrix - matrix0), norm0)
+    cosine = safe_div(jnp.vdot(matrix, matrix0), norm * norm0)
     out["kernel_distance"] = jnp.where(norm * norm0 == 0, 0.0, jnp.clip(1.0 - cosine, 0.0, 2.0))
   if targets is not None:
     centered = center(matrix)
     y_centered = targets - targets.mean(axis=0, keepdims=True)
     target_kernel = y_centered @ y_centered.T
-    out["kernel_alignment"] = _safe_div(
+    out["kernel_alignment"] = safe_div(
         jnp.vdot(centered, target_kernel),
         jnp.linalg.norm(centered) * jnp.linalg.norm(target_kernel))
   return out

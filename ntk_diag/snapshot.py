@@ -20,20 +20,20 @@ Scalars (tags ``ntk_diag/<name>``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_diag import _layout
 from ntk_diag import _model
 from ntk_diag import _tree
 from ntk_diag import _validation
-from ntk_diag import checkpoint
 from ntk_diag import norms
 from ntk_diag import ntk
 from ntk_diag.kernel_stats import kernel_stats
+from ntk_diag.kernel_stats import safe_div
 from ntk_diag.linearize import linearize
 
 PyTree = Any
@@ -103,14 +103,9 @@ class EngineResult:
   finite: bool
 
 
-def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-  """``num / den``, 0 where ``den == 0``; NaN stays NaN."""
-  return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
-
-
 def layer_groups(params: PyTree) -> list[str]:
   """Top-level parameter group of each leaf (``"Dense_0"``, ``"layers"``...)."""
-  return [name.split(".")[0] for name in checkpoint.leaf_names(params)]
+  return [name.split(".")[0] for name in _tree.leaf_names(params)]
 
 
 def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
@@ -118,11 +113,11 @@ def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
   groups = layer_groups(theta0)
   diffs = [jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(theta0))]
   refs = [jnp.sum(jnp.square(b)) for b in jax.tree.leaves(theta0)]
-  out = {"weight_change": _safe_ratio(jnp.sqrt(sum(diffs)), jnp.sqrt(sum(refs)))}
+  out = {"weight_change": safe_div(jnp.sqrt(sum(diffs)), jnp.sqrt(sum(refs)))}
   for group in dict.fromkeys(groups):
     num = sum(d for d, g in zip(diffs, groups) if g == group)
     den = sum(r for r, g in zip(refs, groups) if g == group)
-    out[f"weight_change/{group}"] = _safe_ratio(jnp.sqrt(num), jnp.sqrt(den))
+    out[f"weight_change/{group}"] = safe_div(jnp.sqrt(num), jnp.sqrt(den))
   return out
 
 
@@ -208,12 +203,12 @@ class SnapshotEngine:
     if self.groups.ntk:
       kernel = self._kernel(params, x)
       stats = kernel_stats(kernel, K0=kernel0, y=y.reshape(n, -1),
-                                            top_k=kernel_size(kernel))
+                           top_k=_layout.matrix_size(kernel))
       for name in ("trace", "eig_max", "eig_min", "condition_number"):
         scalars[f"ntk_{name}"] = stats[name]
       for name in ("kernel_drift", "kernel_distance", "kernel_alignment"):
         scalars[name] = stats[name]
-      scalars["kernel_velocity"] = _safe_ratio(
+      scalars["kernel_velocity"] = safe_div(
           jnp.linalg.norm((kernel - prev_kernel).reshape(-1)),
           jnp.linalg.norm(kernel0.reshape(-1)) * step_delta)
       extras = {"kernel": kernel, "eigenvalues": stats["eigenvalues"]}
@@ -235,11 +230,7 @@ class SnapshotEngine:
         vectors = (jac.vector, hess.vector)
     if self.groups.twin:
       twin = linearize(self.apply_fn, theta0)(params, x)
-      scalars["twin_gap"] = _safe_ratio(jnp.linalg.norm((outputs - twin).reshape(-1)),
-                                        jnp.linalg.norm((outputs - f0).reshape(-1)))
+      scalars["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin).reshape(-1)),
+                                     jnp.linalg.norm((outputs - f0).reshape(-1)))
     return scalars, extras, vectors
 
-
-def kernel_size(kernel: jax.Array) -> int:
-  """Side of the kernel matrix after reduction to ``(n·k, n·k)``."""
-  return kernel.shape[0] * (kernel.shape[2] if kernel.ndim == 4 else 1)
