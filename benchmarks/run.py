@@ -14,8 +14,10 @@ Sections:
   Targets: structured ≤ 1.0× NT implementation 3, ≥ 20× faster than the
   ``vmap(jacrev)`` contraction.
 * ``norms`` — power vs Lanczos accuracy vs matvec count (:mod:`norms_accuracy`).
-* ``hook`` — ``LazyTrainingHook`` overhead on a training loop (:mod:`hook_overhead`);
-  target ≤ 5 %.
+* ``hook`` — ``LazyTrainingHook`` overhead on a training loop with the hook's
+  defaults (all groups, norms included), snapshot cost by group and by piece,
+  compiled snapshot vs full hook call (:mod:`hook_overhead`); target ≤ 5 % at
+  one snapshot per 100 steps.
 
 Numbers from a shared machine are noisy; see benchmarks/README.md for recorded runs.
 """
@@ -125,9 +127,9 @@ def main():
   parser.add_argument("--quick", action="store_true", help="short run")
   parser.add_argument("--only", default="ntk,norms,hook", help="comma-separated sections")
   parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
-  parser.add_argument("--hook-norms", action="store_true",
-                      help="include the norms group in the hook section (default off: with the "
-                           "current defaults one norms snapshot takes ~1 min on 2 cores, see README)")
+  parser.add_argument("--hook-groups", default="ntk,norms,twin",
+                      help="hook groups enabled in the hook section (default: all, the hook's "
+                           "default); e.g. ntk,twin")
   parser.add_argument("--methods", default="structured,jacobian,ntk_vp",
                       help="NTK methods (structured first)")
   args = parser.parse_args()
@@ -141,10 +143,8 @@ def main():
     norms_accuracy.run(quick=args.quick)
   if "hook" in sections:
     import hook_overhead
-    if not args.hook_norms:
-      print("\n(hook section without the norms group; pass --hook-norms to include it)")
     hook_overhead.run(quick=args.quick, repeats=3 if args.quick else 5,
-                      compute_norms=args.hook_norms)
+                      groups=tuple(g for g in args.hook_groups.split(",") if g))
 
 
 if __name__ == "__main__":
