@@ -9,12 +9,10 @@ writes the results through a CLU ``MetricWriter``.
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
 from clu import periodic_actions
