@@ -42,9 +42,9 @@ def kernel_stats(kernel: jax.Array, *, K0: jax.Array | None = None, y: jax.Array
       raise ValueError(f"`K0` must have the shape of `K` {tuple(kernel.shape)}; got {tuple(K0.shape)}.")
   if y is not None:
     y = jnp.asarray(y)
-    if y.size % size or y.shape[0] * (1 if kernel.ndim == 2 else kernel.shape[2]) != size:
+    if y.size % size or y.shape[0] != kernel.shape[0]:
       raise ValueError(
-          f"`y` must have {size // (1 if kernel.ndim == 2 else kernel.shape[2])} examples"
+          f"`y` must have {kernel.shape[0]} examples"
           f" matching `K` of shape {tuple(kernel.shape)}; got y of shape {tuple(y.shape)}.")
   matrix0 = None if K0 is None else _layout.kernel_to_matrix(jnp.asarray(K0))
   targets = None if y is None else y.reshape(size, -1)
