@@ -60,18 +60,24 @@ class NormEstimate:
     per_example: ``(n,)`` per-example norms (for ``hessian_norm`` the max over
       outputs); ``None`` for ``jacobian_norm(..., stacked=True)``.
     iterations: largest number of solver iterations over the eigenproblems
-      (int32 scalar); 0 where the exact Gram matrix was used.
-    converged: whether every eigenproblem reached ``tol`` (bool scalar).
+      (int32 scalar); 0 where the exact Gram matrix was used; with a
+      screened :func:`hessian_norm_core`, over the refined problems.
+    converged: whether every eigenproblem (with screening: every refined
+      one) reached ``tol`` (bool scalar).
     vector: top eigenvectors for warm starts, or ``None`` (see
       ``return_vector``): a params-like pytree whose leaves have shape
       ``leaf.shape`` (stacked Jacobian), ``(n, *leaf.shape)`` (per-example
       Jacobian) or ``(n, k, *leaf.shape)`` (Hessian, one per example and output).
+    per_problem: ``(n, k)`` estimates of every (example, output) Hessian norm
+      (``hessian_norm`` only; ``None`` otherwise); see ``init_values`` of
+      :func:`hessian_norm_core`.
   """
   value: jax.Array
   per_example: jax.Array | None
   iterations: jax.Array
   converged: jax.Array
   vector: PyTree = None
+  per_problem: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -289,9 +295,36 @@ def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
 def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
                       key: jax.Array | None = None, init: PyTree | None = None,
                       num_iters: int = 100, tol: float = 1e-4, method: str = "power",
-                      return_vector: bool = False,
-                      batch_size: int | None = None) -> NormEstimate:
-  """:func:`hessian_norm` without argument checks; traceable (``jit``-able)."""
+                      return_vector: bool = False, batch_size: int | None = None,
+                      screen_iters: int | None = None,
+                      init_values: jax.Array | None = None) -> NormEstimate:
+  """:func:`hessian_norm` without argument checks; traceable (``jit``-able).
+
+  By default the solver (``num_iters``, ``tol``) runs on every one of the
+  ``n·k`` (example, output) eigenproblems. With ``screen_iters=s`` and the
+  per-problem estimates ``init_values = μ`` of a previous call (whose
+  vectors are ``init``) it screens, then refines:
+
+  1. screen: at most ``s`` iterations on every problem ``p`` from its start
+     vector give ``σ_p <= ‖H_p‖₂`` (a Rayleigh quotient: a lower bound);
+  2. refine: with ``b = argmax_p σ_p``, every problem with ``μ_p >= μ_b``
+     (ranked at least as high as ``b`` last time, ``b`` included) gets the
+     full solver from its screened vector, giving ``ρ_p``.
+
+  Then ``per_problem[p] = max(σ_p, ρ_p)`` (``σ_p`` where not refined) and
+  ``value = max_p per_problem[p]``, a lower bound like every estimate here.
+  When the ranking is stable only ``b`` is refined, ``n·k·s + num_iters``
+  iterations instead of ``n·k·num_iters``. The previous ranking matters
+  because ``‖H_p‖₂`` changes continuously with the parameters but its
+  eigenvector need not: where two top eigenvalues of ``H_p`` cross between
+  calls, the warm vector follows the one that fell, ``σ_p`` drops far below
+  ``‖H_p‖₂`` and only the refinement (more iterations) recovers it.
+  ``iterations`` and ``converged`` describe the refined solves. The screened
+  vectors are kept (``n·k`` parameter-sized vectors); ``vector`` holds them,
+  refined where refined, so the next call warm-starts every problem.
+  ``init_values = inf`` everywhere refines every problem; without
+  ``init_values`` there is no screen (every problem is solved in full).
+  """
   key = _default_key(key)
   n = _num_examples(x)
   k = _model.num_outputs(_model.example_output_shape(apply_fn, params, x))
@@ -301,26 +334,57 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
     batched = jax.tree.map(lambda a: a.reshape((n * k,) + a.shape[2:]), batched)
   examples = jnp.repeat(jnp.arange(n), k)
   outputs = jnp.tile(jnp.arange(k), n)
+  per_bytes = _solver_vectors(method, num_iters) * _vector_bytes(params)
+  batch = _batch(batch_size, per_bytes, n * k, solver=True)
 
-  def solve(args):
-    i, a, start = args
+  def solve(i, a, start, iters):
     xi = _model.take(x, i)
     grad_fn = jax.grad(lambda p: f(p, xi)[a])
     _, hvp = jax.linearize(grad_fn, params)  # forward-over-reverse
-    result = spectral._top_eigenpair(hvp, shared if start is None else start, method=method,
-                                     which="magnitude", num_iters=num_iters, tol=tol)
+    return spectral._top_eigenpair(hvp, shared if start is None else start, method=method,
+                                   which="magnitude", num_iters=iters, tol=tol)
+
+  def full(args):
+    result = solve(*args, num_iters)
     return (result.value, result.iterations, result.converged,
             result.vector if return_vector else None)
 
-  per_bytes = _solver_vectors(method, num_iters) * _vector_bytes(params)
-  values, its, conv, vectors = _map_problems(
-      solve, (examples, outputs, batched), n * k,
-      _batch(batch_size, per_bytes, n * k, solver=True))
+  def screen(args):
+    result = solve(*args, min(screen_iters, num_iters))
+    return result.value, result.vector
+
+  if screen_iters is None or init_values is None:
+    values, its, conv, vectors = _map_problems(full, (examples, outputs, batched), n * k, batch)
+  else:
+    screened, vectors = _map_problems(screen, (examples, outputs, batched), n * k, batch)
+    prior = jnp.reshape(init_values, (n * k,))
+    best = jnp.argmax(screened)
+    # `| (p == best)`: `best` is refined even where the prior holds NaN.
+    chosen = (prior >= prior[best]) | (jnp.arange(n * k) == best)
+    order = jnp.argsort(~chosen, stable=True)  # the chosen problems first
+
+    def refine(j, state):  # one chosen problem, updated in place
+      values, its, conv, vectors = state
+      p = order[j]
+      start = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, p, keepdims=False), vectors)
+      result = solve(examples[p], outputs[p], start, num_iters)
+      vectors = jax.tree.map(lambda a, v: lax.dynamic_update_index_in_dim(a, v, p, 0),
+                             vectors, result.vector)
+      return (values.at[p].max(result.value), jnp.maximum(its, result.iterations),
+              conv & result.converged, vectors)
+
+    # A loop over the chosen problems only: a second map over all of them
+    # costs a copy of every vector, as much as an iteration on CPU.
+    values, its, conv, vectors = lax.fori_loop(
+        0, jnp.sum(chosen), refine,
+        (screened, jnp.zeros((), jnp.int32), jnp.ones((), bool), vectors))
+    vectors = vectors if return_vector else None
   values = values.reshape(n, k)
   if vectors is not None:
     vectors = jax.tree.map(lambda a: a.reshape((n, k) + a.shape[1:]), vectors)
   return NormEstimate(value=jnp.max(values), per_example=jnp.max(values, axis=1),
-                      iterations=jnp.max(its), converged=jnp.all(conv), vector=vectors)
+                      iterations=jnp.max(its), converged=jnp.all(conv), vector=vectors,
+                      per_problem=values)
 
 
 def lazy_ratio_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
