@@ -69,6 +69,15 @@ class SnapshotConfig:
     hessian_examples: probe examples (the first ones) over which
       ``sup_x ‖∇²f(x)‖`` is taken; ``None`` = all. The Hessian costs
       ``k · num_iters`` Hessian-vector products per example.
+    hessian_screen_iters: with warm starts, screen then refine the Hessian
+      norm (``screen_iters`` of :func:`ntk_diag.norms.hessian_norm_core`):
+      this many iterations on each of the ``hessian_examples · k``
+      eigenproblems from the previous snapshot's vectors, then up to
+      ``num_iters`` more only on the largest one and on those that ranked
+      above it in the previous snapshot (usually one problem). The first
+      snapshot refines every problem (a full solve); so does every snapshot
+      when the vectors exceed ``warm_start_bytes`` (then without a screen).
+      ``None``: no screen, ``num_iters`` on every problem.
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
       when they fit in this many bytes (``hessian_examples · k`` parameter-sized
@@ -82,6 +91,7 @@ class SnapshotConfig:
   tol: float = 1e-3
   jacobian_examples: int | None = None
   hessian_examples: int | None = 4
+  hessian_screen_iters: int | None = 3
   seed: int = 0
   warm_start_bytes: int = 256 * 2**20
 
@@ -93,6 +103,8 @@ class SnapshotConfig:
     _validation.check_positive_number("tol", self.tol)
     _validation.check_positive_int("jacobian_examples", self.jacobian_examples, optional=True)
     _validation.check_positive_int("hessian_examples", self.hessian_examples, optional=True)
+    _validation.check_positive_int("hessian_screen_iters", self.hessian_screen_iters,
+                                   optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +161,12 @@ class SnapshotEngine:
     self._warm = self._initial_vectors(out_shape) if groups.norms else None
 
   def _initial_vectors(self, out_shape: tuple[int, ...]):
-    """Random start vectors shaped like the solvers' outputs, so that every
-    snapshot (the first included) passes the same structure to the compiled
-    function; ``None`` (cold starts) if they would exceed ``warm_start_bytes``."""
+    """``(jacobian, hessian, hessian_values)``: random start vectors shaped
+    like the solvers' outputs, so that every snapshot (the first included)
+    passes the same structure to the compiled function, and ``(n_hess, k)``
+    per-problem Hessian norms, ``inf`` until a snapshot computes them (so the
+    first snapshot refines every problem; see ``hessian_screen_iters``);
+    ``None`` (cold starts) if the vectors would exceed ``warm_start_bytes``."""
     k = _model.num_outputs(out_shape)
     n_jac, n_hess = self._norm_examples
     iterative_jacobian = k > norms.GRAM_MAX_OUTPUTS
@@ -163,7 +178,8 @@ class SnapshotEngine:
     batched = lambda key, shape: _tree.tree_random_normal_like(
         key, jax.tree.map(lambda p: jax.ShapeDtypeStruct(shape + p.shape, p.dtype), self.theta0))
     jac = batched(key_jac, (n_jac,)) if iterative_jacobian else None
-    return (jac, batched(key_hess, (n_hess, k)))
+    hess_values = jnp.full((n_hess, k), jnp.inf, _model.param_dtype(self.theta0))
+    return (jac, batched(key_hess, (n_hess, k)), hess_values)
 
   def _kernel(self, params: PyTree, x: PyTree) -> jax.Array:
     return ntk.empirical_ntk(self.apply_fn, params, x, trace_outputs=self.config.ntk_trace_outputs,
@@ -222,12 +238,13 @@ class SnapshotEngine:
                                      key=key_jac, init=None if warm is None else warm[0], **options)
       hess = norms.hessian_norm_core(self.apply_fn, params, _model.take(x, jnp.arange(n_hess)),
                                      key=key_hess, init=None if warm is None else warm[1],
-                                     **options)
+                                     screen_iters=cfg.hessian_screen_iters,
+                                     init_values=None if warm is None else warm[2], **options)
       scalars["jacobian_norm"] = jac.value
       scalars["hessian_norm"] = hess.value
       scalars["kappa"] = norms.kappa(hess.value, jac.value, residual_norm)
       if warm is not None:
-        vectors = (jac.vector, hess.vector)
+        vectors = (jac.vector, hess.vector, hess.per_problem)
     if self.groups.twin:
       twin = linearize(self.apply_fn, theta0)(params, x)
       scalars["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin).reshape(-1)),

@@ -16,6 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from ntk_diag import norms
+from ntk_diag import snapshot
 
 SIZES = (3, 10, 10, 4)  # k = 4 outputs, P = 194
 TOL = 1e-2
@@ -123,3 +124,23 @@ def test_vector_and_per_problem_shapes():
   est = _core(apply_fn, params, x, init_values=jnp.zeros((n, k)), screen_iters=2, **OPTIONS)
   assert est.per_problem.shape == (n, k) and est.per_example.shape == (n,)
   assert jax.tree.map(jnp.shape, est.vector) == jax.tree.map(lambda p: (n, k) + p.shape, params)
+
+
+def test_snapshot_hessian_norm_cold_then_warm():
+  params, nearby, x = problem()
+  config = snapshot.SnapshotConfig()  # screening on, 4 Hessian examples
+  n_hess = config.hessian_examples
+  y = jnp.zeros((x.shape[0], SIZES[-1]))
+  engine = snapshot.SnapshotEngine(apply_fn, nearby, x, y, kernel0=None, config=config,
+                                   groups=snapshot.Groups(ntk=False, norms=True, twin=False))
+  cold = engine.run(nearby, step=0).scalars["hessian_norm"]
+  warm = engine.run(params, step=1).scalars["hessian_norm"]
+  assert rel_err(cold, reference("nearby")[1][:n_hess].max()) <= TOL
+  assert rel_err(warm, reference("params")[1][:n_hess].max()) <= TOL
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-2, ValueError), (2.5, TypeError),
+                                         (True, TypeError)])
+def test_config_rejects_bad_screen_iters(value, error):
+  with pytest.raises(error, match="hessian_screen_iters"):
+    snapshot.SnapshotConfig(hessian_screen_iters=value).validate()
