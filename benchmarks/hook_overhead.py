@@ -23,7 +23,8 @@ Measured, all in one process:
 4. profile of the pieces of a snapshot, each jitted alone: traced structured
    NTK, ``kernel_stats`` (eigvalsh 256×256), ``jacobian_norm`` from the NTK
    diagonal blocks, ``hessian_norm`` (power, first 4 probes × 10 outputs,
-   ≤ 20 iterations, warm-started), twin JVP, forward pass.
+   ≤ 20 iterations, warm-started; every problem solved in full, and screened
+   then refined as the hook does), twin JVP, forward pass.
 5. overhead at every_steps = 100, 500, 1000 **computed** from the measured
    per-snapshot cost in the loop and the measured step time (not a loop run
    per interval).
@@ -96,13 +97,19 @@ def profile_pieces(apply_fn, params0, params1, probe_x, probe_y, repeats: int) -
   hess_fn = jax.jit(lambda p, x, init: norms_lib.hessian_norm_core(
       apply_fn, p, x, init=init, num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
       return_vector=True))
+  screened_fn = jax.jit(lambda p, x, init, values: norms_lib.hessian_norm_core(
+      apply_fn, p, x, init=init, num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
+      return_vector=True, screen_iters=cfg.hessian_screen_iters, init_values=values))
   x_hess = probe_x[:n_hess]
-  cold = snapshot_lib.SnapshotEngine(apply_fn, params0, probe_x, probe_y, kernel0=None,
-                                     groups=snapshot_lib.Groups(ntk=False, twin=False),
-                                     config=cfg)._warm[1]
-  # Warm start as in the hook: the vectors of the previous snapshot (here at θ0).
+  _, cold, cold_values = snapshot_lib.SnapshotEngine(
+      apply_fn, params0, probe_x, probe_y, kernel0=None,
+      groups=snapshot_lib.Groups(ntk=False, twin=False), config=cfg)._warm
+  # Warm start as in the hook: the vectors (and, screened, the per-problem
+  # values) of the previous snapshot, here at θ0.
   warm = hess_fn(params0, x_hess, cold).vector
+  previous = screened_fn(params0, x_hess, cold, cold_values)
   hess_warm = hess_fn(params1, x_hess, warm)
+  hess_screened = screened_fn(params1, x_hess, previous.vector, previous.per_problem)
   twin_fn = jax.jit(lambda p, p0, x: linearize(apply_fn, p0)(p, x))
   fwd_fn = jax.jit(apply_fn)
   y2 = probe_y.reshape(PROBES, -1)
@@ -114,12 +121,17 @@ def profile_pieces(apply_fn, params0, params1, probe_x, probe_y, repeats: int) -
       f"hessian_norm, {n_hess} probes × 10 outputs, power ≤ {cfg.num_iters} it., warm":
           lambda: hess_fn(params1, x_hess, warm).value,
       f"hessian_norm, same, cold (random start)": lambda: hess_fn(params1, x_hess, cold).value,
+      f"hessian_norm screened ({cfg.hessian_screen_iters} it.) + refined, warm (the hook's default)":
+          lambda: screened_fn(params1, x_hess, previous.vector, previous.per_problem).value,
+      f"hessian_norm screened, cold (every problem refined: the hook's first snapshot)":
+          lambda: screened_fn(params1, x_hess, cold, cold_values).value,
       "twin (JVP at θ0, 256 probes)": lambda: twin_fn(params1, params0, probe_x),
       "forward pass, 256 probes": lambda: fwd_fn(params1, probe_x),
   }
   timed = _timing.time_interleaved(pieces, repeats=repeats)
   return {"times": {k: v["median"] for k, v in timed.items()},
-          "hess_iterations": int(hess_warm.iterations), "hess_converged": bool(hess_warm.converged)}
+          "hess_iterations": int(hess_warm.iterations), "hess_converged": bool(hess_warm.converged),
+          "hess_full": float(hess_warm.value), "hess_screened": float(hess_screened.value)}
 
 
 def run(quick: bool = False, repeats: int = 5, groups: tuple[str, ...] = ALL_GROUPS,
@@ -262,7 +274,9 @@ def run(quick: bool = False, repeats: int = 5, groups: tuple[str, ...] = ALL_GRO
     for name, t in prof["times"].items():
       print(f"| {name} | {_ms(t)} |")
     print(f"hessian_norm warm start: {prof['hess_iterations']} iterations (max over the "
-          f"eigenproblems), converged={prof['hess_converged']}")
+          f"eigenproblems), converged={prof['hess_converged']}; value full "
+          f"{prof['hess_full']:.5g}, screened {prof['hess_screened']:.5g} (relative difference "
+          f"{prof['hess_screened'] / prof['hess_full'] - 1:+.1e})")
   print("\n### Overhead vs every_steps — COMPUTED, not measured per interval: "
         "per-snapshot cost / (every_steps × step time)")
   print("| every_steps | from loop per-snapshot cost | from hook-call cost (images 1 in 10) |")
