@@ -118,6 +118,18 @@ def test_stale_warm_vector_of_the_top_problem_is_refined():
   check_against_reference(est, hess, ref)
 
 
+def test_vmapped_problems_as_on_accelerators():
+  # On CPU the problems run one at a time; batch_size = n·k vmaps them all,
+  # the path taken where the vectors fit in accelerator memory.
+  params, nearby, x = problem()
+  hess, ref = reference("params")
+  options = dict(OPTIONS, screen_iters=3, batch_size=ref.size)
+  previous = _core(apply_fn, nearby, x, init_values=jnp.full(ref.shape, jnp.inf), **options)
+  est = _core(apply_fn, params, x, init=previous.vector, init_values=previous.per_problem,
+              **options)
+  check_against_reference(est, hess, ref)
+
+
 def test_vector_and_per_problem_shapes():
   params, _, x = problem()
   n, k = x.shape[0], SIZES[-1]
