@@ -2,7 +2,8 @@
 
 The NTK is rebuilt from a dense Jacobian on ravelled parameters
 (``jax.flatten_util.ravel_pytree`` + ``jax.jacrev``), in float64 NumPy for the
-contraction, so the library is never compared only against itself.
+contraction, and Hessians come from ``jax.hessian`` on the same ravelled
+parameters, so the library is never compared only against itself.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def dense_jacobian(apply_fn, params, x) -> np.ndarray:
 
   jac = jax.jit(jax.jacrev(f))(flat)  # (n, k, P)
   return np.asarray(jac, dtype=np.float64)
+
+
+def dense_hessians(apply_fn, params, x) -> np.ndarray:
+  """``(n, k, P, P)`` float64 Hessians of every output at every example."""
+  flat, unravel = ravel_pytree(params)
+
+  def one(flat_params, xi):
+    return apply_fn(unravel(flat_params), jax.tree.map(lambda a: a[None], xi)).reshape(-1)
+
+  return np.asarray(jax.jit(jax.vmap(jax.hessian(one), (None, 0)))(flat, x), np.float64)
 
 
 def ntk_from_jacobians(j1, j2, *, trace_outputs=False) -> np.ndarray:
@@ -53,6 +64,12 @@ def rel_fro_error(actual, expected) -> float:
   if actual.shape != expected.shape:
     raise AssertionError(f"shape mismatch: {actual.shape} != {expected.shape}")
   return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def rel_err(actual, expected) -> float:
+  """Largest elementwise ``|actual − expected| / |expected|`` in float64."""
+  actual = np.asarray(actual, dtype=np.float64)
+  return float(np.max(np.abs(actual - expected) / np.abs(expected)))
 
 
 def assert_close_fro(actual, expected, tol=2e-4):

@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 from ntk_diag import norms
 from ntk_diag import snapshot
+from reference import dense_hessians, rel_err
 
 SIZES = (3, 10, 10, 4)  # k = 4 outputs, P = 194
 TOL = 1e-2
@@ -48,23 +49,12 @@ def problem():
   return params, nearby, x
 
 
-def dense_hessians(params, x) -> np.ndarray:
-  """``(n, k, P, P)`` float64 Hessians of every output at every example."""
-  flat, unravel = ravel_pytree(params)
-  one = lambda q, xi: apply_fn(unravel(q), xi[None])[0]
-  return np.asarray(jax.jit(jax.vmap(jax.hessian(one), (None, 0)))(flat, x), np.float64)
-
-
 @functools.lru_cache(maxsize=None)
 def reference(which):
   """``(hessians, norms)``: dense Hessians and ``(n, k)`` largest ``|eigenvalue|``."""
   params, nearby, x = problem()
-  hess = dense_hessians(params if which == "params" else nearby, x)
+  hess = dense_hessians(apply_fn, params if which == "params" else nearby, x)
   return hess, np.abs(np.linalg.eigvalsh(hess)).max(axis=-1)
-
-
-def rel_err(actual, expected):
-  return abs(float(actual) - float(expected)) / abs(float(expected))
 
 
 def check_against_reference(est, hess, ref):

@@ -1,6 +1,6 @@
 """Operator norms and the lazy ratio against dense references.
 
-References ravel the parameters (``ravel_pytree``) and use ``jax.jacrev`` /
+References (tests/reference.py) ravel the parameters and use ``jax.jacrev`` /
 ``jax.hessian`` with float64 NumPy ``svd`` / ``eigvalsh``. Accuracy targets
 with default arguments: ``method="power"`` 1e-2, ``method="lanczos"`` 1e-3
 relative error.
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
 import ntk_diag as nd
 from ntk_diag import norms
+from reference import dense_hessians, dense_jacobian, rel_err
 
 TOL = {"power": 1e-2, "lanczos": 1e-3}
 
@@ -70,14 +70,10 @@ def model(name):
 def reference(name):
   """``(per-example ‖J_i‖, σ_max(J), per-example max_a ‖H_ia‖)`` in float64."""
   apply_fn, params, x = model(name)
-  flat, unravel = ravel_pytree(params)
-  n = x.shape[0]
-  f = lambda q, xs: apply_fn(unravel(q), xs).reshape(xs.shape[0], -1)
-  jac = np.asarray(jax.jacrev(f)(flat, x), np.float64)  # (n, k, P)
+  jac = dense_jacobian(apply_fn, params, x)  # (n, k, P)
   per_example = np.linalg.svd(jac, compute_uv=False)[:, 0]
   stacked = np.linalg.svd(jac.reshape(-1, jac.shape[-1]), compute_uv=False)[0]
-  one = lambda q, xi: f(q, xi[None])[0]
-  hess = np.asarray(jax.jit(jax.vmap(jax.hessian(one), (None, 0)))(flat, x), np.float64)
+  hess = dense_hessians(apply_fn, params, x)
   hess_norm = np.array([max(_max_abs_eig(h) for h in per_output) for per_output in hess])
   return per_example, stacked, hess_norm
 
@@ -86,10 +82,6 @@ def _max_abs_eig(h):
   """Largest |eigenvalue|; all-zero rows/columns (zero eigenvalues) are dropped first."""
   live = np.any(h != 0, axis=1)
   return float(np.abs(np.linalg.eigvalsh(h[live][:, live])).max()) if live.any() else 0.0
-
-
-def rel_err(actual, expected):
-  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected) / np.abs(expected)))
 
 
 # Each case is one compiled lazy_ratio: stacked Jacobian norm + Hessian norm.
