@@ -198,7 +198,6 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     Returns:
       Whether a snapshot was taken.
     """
-    t = self._clock() if t is None else t
     if self._run is None:
       # Start-up: misconfiguration raises here, naming the fix.
       step = _as_step(step)
@@ -211,7 +210,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
         return False
     self._inputs = (params, model, model_state, twin_params)
     try:
-      return super().__call__(step, t)
+      return super().__call__(step, self._clock() if t is None else t)
     finally:
       self._inputs = None
 
@@ -236,7 +235,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
 
   def _should_trigger(self, step: int, t: float) -> bool:
     due = super()._should_trigger(step, t) or self._deferred
-    if not due or self._max_overhead is None or self._first_end is None:
+    pending = self._run.pending is not None and self._run.pending[0] == step
+    if not due or self._max_overhead is None or pending:
       return due
     projected = (self._spent + self._last_cost) / max(t + self._last_cost - self._first_end, 1e-9)
     self._deferred = projected > self._max_overhead
@@ -244,10 +244,13 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
 
   def _apply(self, step: int, t: float) -> None:
     start = self._clock()
-    self._guarded(step, "snapshot failed and was skipped", lambda: self._snapshot(step))
-    end = self._clock()
-    self._spent += end - start
-    self._last_cost = end - start
+    computed = []
+    self._guarded(step, "snapshot failed and was skipped",
+                  lambda: computed.append(self._snapshot(step, start)))
+    cost = self._clock() - start
+    self._spent += cost
+    if computed and computed[0]:
+      self._last_cost = cost
 
   # ---------------------------------------------------------------- start-up
   def _start(self, step: int, *, params: PyTree, model_state: PyTree, twin_params: PyTree) -> _Run:
@@ -292,7 +295,9 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     snapshotter = snapshot_lib.Snapshotter(spec, state, params, model_state)
     # The first snapshot is at θ0: it fills f(θ0), K0, the lazy radius and
     # the warm starts. In a fresh run it is this step's snapshot.
-    state, metrics = snapshotter(state, theta0, model_state0, step0)
+    start = self._clock()
+    state, metrics = jax.block_until_ready(snapshotter(state, theta0, model_state0, step0))
+    self._last_cost = self._clock() - start
     if restored is None:
       checkpoint.save_initial_state(self._workdir, checkpoint.InitialState(
           params=theta0, probe_x=probe_x, probe_y=probe_y, model_state=model_state0,
@@ -312,10 +317,12 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       raise _startup_error(error, model_state is not None) from error
 
   # --------------------------------------------------------------- snapshots
-  def _snapshot(self, step: int) -> None:
+  def _snapshot(self, step: int, start: float) -> bool:
+    """Takes (or logs the start-up) snapshot; returns whether one was computed."""
     run = self._run
     inputs = _inputs(*self._inputs)
-    if run.pending is not None and run.pending[0] == step:
+    computed = not (run.pending is not None and run.pending[0] == step)
+    if not computed:
       metrics = run.pending[1]  # the start-up snapshot at θ0
     else:
       params, model_state, twin_params = (_unreplicate(inputs[name], run.replicated)[0]
@@ -327,16 +334,18 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     run.pending = None
     if inputs["twin_params"] is None:
       metrics = {name: v for name, v in metrics.items() if name not in _TWIN_TAGS}
-    self._record(step, metrics)
+    self._record(step, metrics, start)
+    return computed
 
-  def _record(self, step: int, metrics: dict[str, jax.Array]) -> None:
+  def _record(self, step: int, metrics: dict[str, jax.Array], start: float) -> None:
     eigenvalues = metrics.pop("eigenvalues", None)
     host = jax.device_get((metrics, eigenvalues))
     scalars = {name: float(value) for name, value in host[0].items()}
     eigenvalues = None if host[1] is None else np.asarray(host[1])
     scalars["failed"] = float(self._failures)
-    if self._max_overhead is not None and self._first_end is not None:
-      scalars["overhead"] = self._spent / max(self._clock() - self._first_end, 1e-9)
+    if self._max_overhead is not None:
+      now = self._clock()
+      scalars["overhead"] = (self._spent + now - start) / max(now - self._first_end, 1e-9)
     if scalars.get("nonfinite"):
       self._warn_once("nonfinite", f"ntk_diag: non-finite values at step {step} (NaN/Inf in "
                       "params or outputs); logging them with ntk_diag/nonfinite = 1.")
