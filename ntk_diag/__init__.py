@@ -8,6 +8,7 @@ through CLU, which imports TensorFlow; it is loaded on first access.
 
 from ntk_diag.adapters import from_linen
 from ntk_diag.adapters import from_nnx
+from ntk_diag.checkpoint import load_initial_model_state
 from ntk_diag.checkpoint import load_initial_params
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.linearize import linearize
@@ -34,6 +35,7 @@ __all__ = (
     "kernel_stats",
     "lazy_ratio",
     "linearize",
+    "load_initial_model_state",
     "load_initial_params",
 )
 

@@ -469,9 +469,10 @@ def _startup_error(error: Exception, with_model_state: bool) -> Exception:
   hints = []
   lowered = text.lower()
   if "rng" in lowered or "dropout" in lowered or "prng" in lowered:
-    hints.append("the model asks for random numbers: evaluate it without them, e.g. "
-                 "nd.from_linen(model, variables, train=False) (Dropout off), "
-                 "nd.from_nnx(model) (eval mode), or deterministic=True")
+    hints.append("the model asks for `rngs` (random numbers, e.g. for Dropout): the hook "
+                 "evaluates it deterministically, without rngs; build apply_fn with "
+                 "nd.from_linen(model, variables, train=False) or nd.from_nnx(model) (eval "
+                 "mode), or pass deterministic=True")
   if "mutable" in lowered or "batch_stats" in lowered:
     hints.append("the model updates its statistics: apply it in inference mode, e.g. "
                  "nd.from_linen(model, variables, train=False), and pass "
