@@ -27,7 +27,6 @@ from flax import linen as nn
 from flax.training import train_state
 
 import ntk_diag as nd
-from ntk_diag.snapshot import SnapshotConfig
 
 
 RIDGE = 1e-3  # relative to λ_max, for the t = ∞ predictor only
@@ -86,8 +85,7 @@ def train(width, data, *, steps, workdir, every_steps, probe_size, seed=0):
     return state, twin
 
   hook = nd.LazyTrainingHook(apply_fn, x_train[:probe_size], y_train[:probe_size], workdir=workdir,
-                             every_steps=every_steps, on_steps=[steps],
-                             config=SnapshotConfig(hessian_examples=4))
+                             every_steps=every_steps, on_steps=[steps], norm_examples=4)
   from tqdm import tqdm
   for step in tqdm(range(steps + 1), desc=f"width {width:>5}", ncols=80):
     hook(step, params=state.params)          # <- the one line a user adds
