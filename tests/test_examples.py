@@ -82,3 +82,24 @@ def test_clu_loop_trains_checkpoints_and_resumes(tmp_path, capsys):
   logged = _assert_logged(workdir, [0, 10, 20, 30])
   assert logged["ntk_diag/weight_change"][30] > logged["ntk_diag/weight_change"][20] > 0
   assert {5, 10, 15, 20, 25, 30} <= set(logged["train_loss"])
+
+
+def test_resnet_batchnorm(tmp_path, capsys):
+  workdir = tmp_path / "resnet"
+  out = _load("resnet_batchnorm").main(["--workdir", str(workdir), "--epochs", "1", "--batch-size",
+                                        "16", "--num-train", "64", "--filters", "4", "--blocks", "1",
+                                        "--probe-size", "8", "--every-steps", "2"])
+  assert int(out["state"].step) == 4 and out["hook"].last.step == 4
+  _assert_logged(workdir, [0, 2, 4])
+  assert "kappa" in capsys.readouterr().out
+
+
+def test_nnx_batchnorm_dropout(tmp_path, capsys):
+  workdir = tmp_path / "nnx_bn"
+  out = _load("nnx_batchnorm_dropout").main(["--workdir", str(workdir), "--steps", "4",
+                                             "--batch-size", "16", "--channels", "4", "--hidden",
+                                             "16", "--num-train", "64", "--probe-size", "8",
+                                             "--every-steps", "2"])
+  assert out["model"].dropout.deterministic is False  # still in train mode
+  _assert_logged(workdir, [0, 2, 4])
+  assert "kappa" in capsys.readouterr().out
