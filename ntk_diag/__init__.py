@@ -17,6 +17,8 @@ from ntk_diag.norms import hessian_norm
 from ntk_diag.norms import jacobian_norm
 from ntk_diag.norms import lazy_ratio
 from ntk_diag.ntk import empirical_ntk
+from ntk_diag.twin import LinearizedTwin
+from ntk_diag.twin import TwinState
 from ntk_diag.predict import kernel_predictor
 
 __version__ = "0.1.0"
