@@ -20,6 +20,8 @@ from ntk_diag.ntk import empirical_ntk
 from ntk_diag.twin import LinearizedTwin
 from ntk_diag.twin import TwinState
 from ntk_diag.predict import kernel_predictor
+from ntk_diag.radius import LazyRadius
+from ntk_diag.radius import lazy_radius
 from ntk_diag.sharpness import loss_sharpness
 
 __version__ = "0.1.0"
