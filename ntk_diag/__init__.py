@@ -9,6 +9,10 @@ through CLU, which imports TensorFlow; it is loaded on first access.
 from ntk_diag.adapters import from_linen
 from ntk_diag.adapters import from_nnx
 from ntk_diag.checkpoint import load_initial_params
+from ntk_diag.compare import Comparison
+from ntk_diag.compare import PredictorRow
+from ntk_diag.compare import compare
+from ntk_diag.compare import kernel_learning_rate
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.linearize import linearize
 from ntk_diag.norms import LazyReport
