@@ -14,3 +14,23 @@ def read_scalars(workdir):
     if all(v.ndim == 0 for v in values.values()):
       out[tag] = {step: float(v) for step, v in values.items()}
   return out
+
+
+def write_scalars(logdir, series):
+  """Writes ``{tag: {step: value}}`` as TF2-style scalar tensors (what clu's writer
+  stores), with tensorboard's pure-Python writer: synthetic runs without TensorFlow."""
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.compat.proto import summary_pb2
+  from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+  writer = EventFileWriter(str(logdir))
+  metadata = summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+  steps = sorted({step for values in series.values() for step in values})
+  for step in steps:
+    values = [summary_pb2.Summary.Value(tag=tag, metadata=metadata,
+                                        tensor=tensor_util.make_tensor_proto(float(v[step])))
+              for tag, v in series.items() if step in v]
+    writer.add_event(event_pb2.Event(step=step, wall_time=float(step),
+                                     summary=summary_pb2.Summary(value=values)))
+  writer.close()

@@ -34,18 +34,24 @@ def _assert_logged(workdir, steps):
 
 def test_digits_mlp(tmp_path, capsys):
   workdir = tmp_path / "digits"
-  table = _load("digits_mlp").main(["--workdir", str(workdir), "--widths", "16", "64", "--steps", "20",
-                                    "--num-train", "32", "--every-steps", "10", "--probe-size", "16"])
+  results = _load("digits_mlp").main(["--workdir", str(workdir), "--widths", "16", "64", "--steps", "20",
+                                      "--num-train", "32", "--every-steps", "10", "--probe-size", "16"])
   out = capsys.readouterr().out
-  assert set(table) == {16, 64}
+  assert set(results) == {16, 64}
+  names = ["network", "linearized twin", "kernel predictor (t = 20)", "kernel interpolator (t = ∞)"]
   for width in (16, 64):
-    assert all(math.isfinite(v) for v in table[width].values()), table[width]
+    comparison = results[width]["comparison"]
+    assert [row.name for row in comparison.rows] == names
+    for row in comparison.rows:
+      values = [row.test_loss, row.accuracy] + ([] if row.name == "network" else
+                                                 [row.agreement, row.distance])
+      assert all(math.isfinite(v) for v in values), row
+    # The printed table is the one-call comparison's.
+    assert comparison.table() in out
     _assert_logged(workdir / f"width_{width}", [0, 10, 20])
-  for row in ("test MSE  [network]", "accuracy  [linearized twin]", "accuracy  [NTK predictor, t=∞]",
-              "kappa (end of training)", "twin_gap (end of training)"):
-    assert row in table[16]
-    assert row in out
-  assert "width 16" in out and "width 64" in out
+    assert (workdir / f"width_{width}" / "twin_params.npz").is_file()
+  assert "width 16: " in out and "width 64: " in out and "kappa" in out
+  assert "ntk-diag compare " in out
 
 
 def test_nnx_mlp(tmp_path, capsys):
