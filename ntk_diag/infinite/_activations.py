@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.scipy.special import erf
 
 
 def _sqrt_pos(x: jax.Array) -> jax.Array:

@@ -13,10 +13,10 @@ from jax import lax
 from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _validation
-from ntk_diag.kernel_stats import safe_div
 from ntk_diag import ntk as _ntk
 from ntk_diag.infinite import _covariance as cv
 from ntk_diag.infinite import layers as _layers
+from ntk_diag.kernel_stats import safe_div
 
 # Arrays of the size of one pair's covariances alive at the peak of a layer
 # (nngp, ntk, the broadcast variances, temporaries of the activation maps),
