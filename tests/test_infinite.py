@@ -4,9 +4,10 @@ The reference kernels (``tests/data/infinite_reference.npz``) were computed by
 ``tests/data/make_infinite_reference.py`` with neural-tangents 0.6.5 (jax 0.4.25,
 float64) in the peer venv; the networks are stored in the file as text and
 rebuilt here. Measured, float32 here, ``max |K − K_NT| / max |K_NT|`` over
-nngp and ntk, ``x2 = None`` and ``x2`` given: ≤ 3.6e-7 (MLPs with ReLU, Erf,
+nngp and ntk, ``x2 = None`` and ``x2`` given: ≤ 6.5e-7 (MLPs with ReLU, Erf,
 Tanh at depth 1–3; Conv SAME/VALID with global pooling or Flatten; Flatten on
-images), 8.6e-7 with ``batch_size`` blocks. Tolerance 3e-5 (~100×).
+images; per case in docs/infinite_width.md), ≤ 8.6e-7 with ``batch_size=2``
+blocks. Tolerance 3e-5 (~50×).
 """
 
 import json
