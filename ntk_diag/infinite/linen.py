@@ -61,6 +61,9 @@ class NTKConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if not isinstance(self.kernel_size, Sequence):
+      raise TypeError(f"`kernel_size` must be a sequence of ints, one per spatial axis, e.g."
+                      f" (3, 3); got {self.kernel_size!r}.")
     kernel_size = tuple(self.kernel_size)
     channels = x.shape[-1]
     fan_in = channels * math.prod(kernel_size)
@@ -133,11 +136,15 @@ def _convert(module: nn.Sequential, where: str) -> list[_layers.Layer]:
     name = f"{where}.layers[{i}]"
     if isinstance(layer, nn.Sequential):
       out.extend(_convert(layer, name))
-    elif isinstance(layer, NTKDense):
-      out.append(_layers.Dense(W_std=layer.W_std, b_std=layer.b_std))
-    elif isinstance(layer, NTKConv):
-      out.append(_layers.Conv(tuple(layer.kernel_size), padding=layer.padding,
-                              W_std=layer.W_std, b_std=layer.b_std))
+    elif isinstance(layer, (NTKDense, NTKConv)):
+      try:
+        if isinstance(layer, NTKDense):
+          out.append(_layers.Dense(W_std=layer.W_std, b_std=layer.b_std))
+        else:
+          out.append(_layers.Conv(layer.kernel_size, padding=layer.padding,
+                                  W_std=layer.W_std, b_std=layer.b_std))
+      except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} ({type(layer).__name__}): {e}") from e
     else:
       out.append(_convert_function(layer, name))
   return out
