@@ -193,8 +193,10 @@ class Erf(_Activation):
 class Tanh(_Activation):
   """``tanh``, by ``degree × degree`` Gauss–Hermite quadrature (no closed form).
 
-  The default ``degree`` gives a relative error below 1e-6 for pre-activation
-  variances up to ~6; raise it for larger ones (cost grows as ``degree²``).
+  Error of the default ``degree`` (relative to the largest value): 5e-7 for
+  pre-activation variances up to 4, 2e-5 at 6; raise it for larger variances.
+  The cost is ``degree²`` evaluations per kernel entry; with variances ≤ 1,
+  ``degree=64`` is within 1e-7 and 10× cheaper.
   """
   degree: int = TANH_DEGREE
 
