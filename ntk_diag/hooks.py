@@ -102,9 +102,16 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       ``loss(outputs, y) -> (n,)``: ``residual_norm`` and ``kappa`` use its
       output gradient (:mod:`ntk_diag.losses`).
     norm_examples: the norm tags (``jacobian_norm``, ``hessian_norm``,
-      ``residual_norm``, ``kappa``, the lazy radius) are those of
-      :func:`ntk_diag.lazy_ratio` on the first ``norm_examples`` probe points
-      (``None``: all); the kernel tags use every probe point.
+      ``residual_norm``, ``kappa``, the lazy radius, ``sharpness``) are those
+      of :func:`ntk_diag.lazy_ratio` (:func:`ntk_diag.loss_sharpness`) on the
+      first ``norm_examples`` probe points (``None``: all); the kernel tags
+      use every probe point.
+    learning_rate: the optimiser's step ``η``: also log
+      ``sharpness_lr = η · sharpness`` (the edge of stability is at 2).
+    infinite: a network of :mod:`ntk_diag.infinite` (``serial(...)``), the
+      infinite-width limit of the model: also log
+      ``kernel_distance_infinite``, the relative Frobenius distance of the
+      per-output NTK (``trace_outputs / k``) from the limit's NTK.
     max_overhead: a budget for the fraction of wall time spent in snapshots:
       a due snapshot is deferred while (time in snapshots after the first) /
       (wall time since the first snapshot ended) would exceed it, and taken
@@ -128,6 +135,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
                every_steps: int | None = None, every_secs: float | None = None,
                on_steps: Iterable[int] | None = None, loss: losses.LossLike = "mse",
                norm_examples: int | None = snapshot_lib.DEFAULT_NORM_EXAMPLES,
+               learning_rate: float | None = None, infinite: Any = None,
                max_overhead: float | None = None,
                compute_ntk: bool = True, compute_norms: bool = True, compute_twin: bool = True,
                config: snapshot_lib.SnapshotConfig | None = None,
@@ -141,6 +149,13 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     _validation.check_positive_int("images_every", images_every)
     _validation.check_positive_int("norm_examples", norm_examples, optional=True)
     _validation.check_positive_number("max_overhead", max_overhead, optional=True)
+    _validation.check_positive_number("learning_rate", learning_rate, optional=True)
+    if infinite is not None:
+      from ntk_diag.infinite import layers as infinite_layers
+      if not isinstance(infinite, infinite_layers.Serial):
+        raise TypeError("`infinite` must be a network from ntk_diag.infinite.serial(...); got "
+                        f"{type(infinite).__name__}.")
+      infinite_layers.check_network(infinite, tuple(np.shape(probe_x)[1:]))
     losses.check_loss("loss", loss)
     if not isinstance(workdir, (str, bytes)) and not hasattr(workdir, "__fspath__"):
       raise TypeError(f"`workdir` must be a path; got {type(workdir).__name__}.")
@@ -155,6 +170,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     self._probe_x = probe_x
     self._probe_y = probe_y
     self._loss = loss
+    self._learning_rate = None if learning_rate is None else float(learning_rate)
+    self._infinite = infinite
     self._norm_examples = snapshot_lib.norm_examples_count(n, norm_examples)
     self._workdir = os.fspath(workdir)
     self._is_writer = jax.process_index() == 0
@@ -268,6 +285,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     spec = snapshot_lib.SnapshotSpec(
         apply_fn=self._apply_fn, with_model_state=with_model_state, config=self._config,
         loss=self._loss, norm_examples=self._norm_examples, warm_start=warm,
+        learning_rate=self._learning_rate, infinite=self._infinite,
         alignment=not callable(self._loss) or np.size(self._probe_y) == n * k, **self._groups)
 
     theta0, model_state0, probe_x, probe_y, kernel0, step0 = (

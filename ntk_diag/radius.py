@@ -96,13 +96,13 @@ def jacobian_sigma_min_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
 def radius_from_norms(sigma_min: jax.Array, hessian_norm: jax.Array) -> jax.Array:
   """``B = σ_min / (2γ)``: 0 when ``σ_min = 0``, the dtype's largest finite
   value when only ``γ = 0``, NaN when either is NaN."""
-  return _saturating_div(sigma_min, 2.0 * hessian_norm)
+  return norms.saturating_div(sigma_min, 2.0 * hessian_norm)
 
 
 def lazy_radius_ratio(params: PyTree, params0: PyTree, radius: jax.Array) -> jax.Array:
   """``‖θ − θ0‖ / B``: 0 at ``θ0``, the dtype's largest finite value when
   ``B = 0`` and ``θ ≠ θ0`` (always finite for finite inputs)."""
-  return _saturating_div(_tree.tree_norm(_tree.tree_sub(params, params0)), radius)
+  return norms.saturating_div(_tree.tree_norm(_tree.tree_sub(params, params0)), radius)
 
 
 def lazy_radius_core(apply_fn: Callable, params0: PyTree, x: PyTree, *,
@@ -116,13 +116,6 @@ def lazy_radius_core(apply_fn: Callable, params0: PyTree, x: PyTree, *,
                                  method=method)
   return LazyRadius(radius=radius_from_norms(sigma_min, hess.value), sigma_min=sigma_min,
                     hessian_norm=hess)
-
-
-def _saturating_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  big = jnp.finfo(jnp.result_type(num, den, jnp.float32)).max
-  ratio = jnp.minimum(num / jnp.where(den > 0, den, 1.0), big)
-  value = jnp.where(num == 0, 0.0, jnp.where(den > 0, ratio, big))
-  return jnp.where(jnp.isnan(num) | jnp.isnan(den), jnp.nan, value)
 
 
 _lazy_radius_jit = jax.jit(lazy_radius_core, static_argnames=(

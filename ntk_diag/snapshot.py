@@ -23,12 +23,17 @@ first ``m = norm_examples`` points:
   ``ntk_condition_number``, ``kernel_drift``, ``kernel_distance``,
   ``kernel_alignment`` (see :func:`ntk_diag.kernel_stats`) on ``X`` and
   ``kernel_velocity = ‖K_t − K_prev‖_F / (‖K0‖_F · Δstep)`` between snapshots.
+* NTK group with ``infinite``: ``kernel_distance_infinite``, the relative
+  Frobenius distance of the per-output NTK from the infinite-width one.
 * norms group, on ``X_m``: ``jacobian_norm``, ``hessian_norm``, ``kappa``
   (Chizat et al. 2019), ``lazy_radius = σ_min(J_{X_m}(θ0)) / (2‖∇²f(θ0)‖)``
-  (the lecture's radius ``B = σ_min/2γ``) and
-  ``lazy_radius_ratio = ‖θ − θ0‖ / lazy_radius``.
+  (the lecture's radius ``B = σ_min/2γ``),
+  ``lazy_radius_ratio = ‖θ − θ0‖ / lazy_radius``, ``sharpness`` (the top
+  eigenvalue of the Hessian of the mean loss) and, with a learning rate,
+  ``sharpness_lr = η · sharpness``.
 * twin group: ``twin_gap = ‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖`` on ``X``
-  (0 when ``f(θ) = f(θ0)``).
+  (0 when ``f(θ) = f(θ0)``); with the lockstep twin's ``θ̃``,
+  ``twin_distance`` and ``twin_param_distance`` (:func:`ntk_diag.twin.twin_distances`).
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ from ntk_diag import _validation
 from ntk_diag import losses
 from ntk_diag import norms
 from ntk_diag import ntk
+from ntk_diag import radius
+from ntk_diag import sharpness
+from ntk_diag import twin
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.kernel_stats import safe_div
+from ntk_diag.linearize import linearize
 
 PyTree = Any
 
@@ -119,6 +128,9 @@ class SnapshotSpec:
     compute_ntk, compute_norms, compute_twin: which groups are computed.
     alignment: whether ``kernel_alignment`` is defined (targets shaped like outputs).
     warm_start: whether the norm solvers keep their vectors between snapshots.
+    learning_rate: ``η`` of ``sharpness_lr = η · sharpness`` (``None``: not logged).
+    infinite: a network of :mod:`ntk_diag.infinite` (``None``: no
+      ``kernel_distance_infinite``).
   """
   apply_fn: Callable
   with_model_state: bool
@@ -130,12 +142,12 @@ class SnapshotSpec:
   compute_twin: bool = True
   alignment: bool = True
   warm_start: bool = True
+  learning_rate: float | None = None
+  infinite: Any = None
 
   def model(self, model_state: PyTree) -> Callable[[PyTree, PyTree], jax.Array]:
     """``f(params, x)`` of the model with ``model_state`` held fixed."""
-    if not self.with_model_state:
-      return self.apply_fn
-    return lambda params, x: self.apply_fn(params, x, model_state)
+    return _model.bind_model_state(self.apply_fn, model_state if self.with_model_state else None)
 
 
 @jax.tree_util.register_dataclass
@@ -155,9 +167,10 @@ class DiagState:
     kernel0: the NTK at θ0 on ``X`` (NTK group).
     prev_kernel: the NTK of the last finite snapshot (NTK group).
     prev_step: the step of the last finite snapshot (or of θ0).
-    jacobian_vectors, hessian_vectors, hessian_values: warm starts of the norm
-      solvers (``None`` when cold or not needed).
+    jacobian_vectors, hessian_vectors, hessian_values, sharpness_vector: warm
+      starts of the norm solvers (``None`` when cold or not needed).
     lazy_radius: ``σ_min(J_{X_m}(θ0)) / (2‖∇²f(θ0)‖)`` (norms group).
+    infinite_kernel: the infinite-width NTK on ``X``, per output (with ``infinite``).
   """
   theta0: PyTree
   model_state0: PyTree
@@ -172,7 +185,9 @@ class DiagState:
   jacobian_vectors: PyTree
   hessian_vectors: PyTree
   hessian_values: jax.Array | None
+  sharpness_vector: PyTree
   lazy_radius: jax.Array | None
+  infinite_kernel: jax.Array | None
 
 
 def norm_examples_count(n: int, norm_examples: int | None) -> int:
@@ -197,7 +212,7 @@ def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, prob
   if spec.compute_ntk:
     kernel_placeholder = (zeros((n, n) if traced else (n, n, k, k)) if kernel0 is None
                           else np.asarray(kernel0, dtype))
-  jac_vectors = hess_vectors = hess_values = None
+  jac_vectors = hess_vectors = hess_values = sharpness_vector = None
   if spec.compute_norms and spec.warm_start:
     random = np.random.default_rng(spec.config.seed + 1)
     batched = lambda shape: jax.tree.map(
@@ -206,19 +221,22 @@ def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, prob
       jac_vectors = batched((m,))
     hess_vectors = batched((m, k))
     hess_values = np.full((m, k), np.inf, dtype)
+    sharpness_vector = batched(())
   return DiagState(
       theta0=theta0, model_state0=model_state0, probe_x=probe_x, probe_y=probe_y,
       initialized=np.asarray(False), f0=zeros((n,) + out_shape),
-      kernel0_restored=np.asarray(kernel0 is not None), kernel0=kernel_placeholder, prev_kernel=kernel_placeholder,
-      prev_step=np.asarray(step, np.int32), jacobian_vectors=jac_vectors,
-      hessian_vectors=hess_vectors, hessian_values=hess_values,
-      lazy_radius=np.asarray(np.nan, dtype) if spec.compute_norms else None)
+      kernel0_restored=np.asarray(kernel0 is not None), kernel0=kernel_placeholder,
+      prev_kernel=kernel_placeholder, prev_step=np.asarray(step, np.int32),
+      jacobian_vectors=jac_vectors, hessian_vectors=hess_vectors, hessian_values=hess_values,
+      sharpness_vector=sharpness_vector,
+      lazy_radius=np.asarray(np.nan, dtype) if spec.compute_norms else None,
+      infinite_kernel=None if spec.infinite is None else zeros((n, n)))
 
 
 def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int) -> bool:
-  """Whether the warm-start vectors (``norm_examples · k`` parameter-sized) fit the budget."""
+  """Whether the warm-start vectors (``norm_examples · k + 1`` parameter-sized) fit the budget."""
   per_vector = _tree.tree_size(theta0) * jnp.dtype(_model.param_dtype(theta0)).itemsize
-  count = norm_examples * k + (norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0)
+  count = norm_examples * k + (norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0) + 1
   return count * per_vector <= budget_bytes
 
 
@@ -245,12 +263,6 @@ def _kernel(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree, *,
   cfg = spec.config
   return ntk.empirical_ntk(f, params, x, trace_outputs=trace_outputs, method=cfg.ntk_method,
                            batch_size=cfg.ntk_batch_size)
-
-
-def _sigma_min(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree) -> jax.Array:
-  """``σ_min`` of the stacked ``(m·k) × P`` Jacobian: ``sqrt(λ_min)`` of the full NTK."""
-  matrix = _layout.kernel_to_matrix(_kernel(spec, f, params, x, trace_outputs=False))
-  return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (matrix + matrix.T))[0], 0.0))
 
 
 def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree,
@@ -295,6 +307,14 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
         jnp.linalg.norm(kernel0.reshape(-1)) * step_delta)
     metrics["eigenvalues"] = stats["eigenvalues"]
     updates.update(kernel0=kernel0, prev_kernel=kernel)
+    if spec.infinite is not None:
+      from ntk_diag import infinite  # local: only runs that compare with the limit need it
+      k = f0[0].size
+      per_output = (kernel if kernel.ndim == 2 else jnp.einsum("ijaa->ij", kernel)) / k
+      kernel_inf = lax.cond(init, lambda: infinite.kernels(spec.infinite, x)[1].astype(kernel.dtype),
+                            lambda: state.infinite_kernel)
+      metrics["kernel_distance_infinite"] = infinite.relative_distance(per_output, kernel_inf)
+      updates["infinite_kernel"] = kernel_inf
 
   if spec.compute_norms:
     options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
@@ -310,32 +330,38 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     metrics["kappa"] = norms.kappa(hess.value, jac.value, metrics["residual_norm"])
     # The radius needs θ0's σ_min and Hessian norm: computed at the first
     # snapshot (which is at θ0), then carried in the state.
-    sigma_min0 = lax.cond(init, lambda: _sigma_min(spec, f, params, x_m),
-                          lambda: jnp.zeros((), hess.value.dtype))
-    radius = jnp.where(init, norms.saturating_div(sigma_min0, 2.0 * hess.value),
-                       state.lazy_radius)
-    distance = jnp.sqrt(_tree.tree_sq_norm(_tree.tree_sub(params, state.theta0)))
-    metrics["lazy_radius"] = radius
-    metrics["lazy_radius_ratio"] = norms.saturating_div(distance, radius)
-    updates["lazy_radius"] = radius
+    sigma_min0 = lax.cond(
+        init, lambda: radius.jacobian_sigma_min_core(f, params, x_m, ntk_method=cfg.ntk_method,
+                                                     batch_size=cfg.ntk_batch_size),
+        lambda: jnp.zeros((), hess.value.dtype))
+    lazy_radius = jnp.where(init, radius.radius_from_norms(sigma_min0, hess.value),
+                            state.lazy_radius)
+    metrics["lazy_radius"] = lazy_radius
+    metrics["lazy_radius_ratio"] = radius.lazy_radius_ratio(params, state.theta0, lazy_radius)
+    updates["lazy_radius"] = lazy_radius
+    sharp = sharpness.loss_sharpness_core(f, params, x_m, y_m, loss=spec.loss,
+                                          num_iters=cfg.num_iters, tol=cfg.tol,
+                                          key=jax.random.key(cfg.seed + 2),
+                                          init=state.sharpness_vector)
+    metrics["sharpness"] = sharp.value
+    if spec.learning_rate is not None:
+      metrics["sharpness_lr"] = spec.learning_rate * sharp.value
     if spec.warm_start:
       updates.update(jacobian_vectors=jac.vector, hessian_vectors=hess.vector,
-                     hessian_values=hess.per_problem)
+                     hessian_values=hess.per_problem, sharpness_vector=sharp.vector)
 
   if spec.compute_twin:
-    twin_out = _linearized(spec, state, params, x)
+    f_theta0 = spec.model(state.model_state0)
+    twin_out = linearize(f_theta0, state.theta0)(params, x)
     moved = jnp.linalg.norm((outputs - f0).reshape(-1))
     metrics["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin_out).reshape(-1)), moved)
-
-    def lockstep_distances():
-      lockstep = _linearized(spec, state, twin_params, x)
-      return (safe_div(jnp.linalg.norm((outputs - lockstep).reshape(-1)), moved),
-              safe_div(jnp.sqrt(_tree.tree_sq_norm(_tree.tree_sub(params, twin_params))),
-                       jnp.sqrt(_tree.tree_sq_norm(_tree.tree_sub(params, state.theta0)))))
-
     zero = jnp.zeros((), moved.dtype)
-    metrics["twin_distance"], metrics["twin_param_distance"] = lax.cond(
-        has_twin, lockstep_distances, lambda: (zero, zero))
+    distances = lax.cond(
+        has_twin,
+        lambda: twin.twin_distances(f_theta0, state.theta0, params, twin_params, x,
+                                    outputs=outputs, outputs0=f0),
+        lambda: {"twin_distance": zero, "twin_param_distance": zero})
+    metrics.update(distances)
 
   scalars = [v for name, v in metrics.items() if name != "eigenvalues"]
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in scalars]))
@@ -350,21 +376,14 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   return new_state, metrics
 
 
-_REFERENCES = frozenset({"prev_kernel", "jacobian_vectors", "hessian_vectors", "hessian_values"})
+_REFERENCES = frozenset({"prev_kernel", "jacobian_vectors", "hessian_vectors", "hessian_values",
+                         "sharpness_vector"})
 
 
 def _select(keep: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   if old is None:
     return new
   return jax.tree.map(lambda a, b: jnp.where(keep, a, b).astype(b.dtype), new, old)
-
-
-def _linearized(spec: SnapshotSpec, state: DiagState, params: PyTree, x: PyTree) -> jax.Array:
-  """``f(θ0, X) + J_X(θ0)(θ − θ0)`` with θ0's model state: one JVP."""
-  f0_model = spec.model(state.model_state0)
-  delta = jax.tree.map(lambda p, p0: (p - p0).astype(p0.dtype), params, state.theta0)
-  out0, tangent = jax.jvp(lambda p: f0_model(p, x), (state.theta0,), (delta,))
-  return out0 + tangent
 
 
 class Snapshotter:
