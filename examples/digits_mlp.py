@@ -92,10 +92,11 @@ def train(width, data, *, steps, workdir, every_steps, probe_size, seed=0):
     return state.apply_gradients(grads=jax.grad(loss)(state.params))
 
   hook = nd.LazyTrainingHook(apply_fn, x_train[:probe_size], y_train[:probe_size], workdir=workdir,
-                             every_steps=every_steps, on_steps=[steps], norm_examples=4)
+                             every_steps=every_steps, on_steps=[steps], norm_examples=4,
+                             learning_rate=learning_rate)
   from tqdm import tqdm
   for step in tqdm(range(steps + 1), desc=f"width {width:>5}", ncols=80):
-    hook(step, params=state.params)          # <- the one line a user adds
+    hook(step, params=state.params, twin_params=twin_state.params)   # <- the line a user adds
     if step < steps:
       state = train_step(state)
       twin_state = twin.step(twin_state, x_train, y_train)
@@ -118,7 +119,8 @@ def print_tables(results, steps):
     print(result["comparison"].table())
     last = result["last"]
     print("hook, end of training: " + ", ".join(
-        f"{tag} {last[tag]:.4f}" for tag in ("kappa", "kernel_drift", "weight_change", "twin_gap")))
+        f"{tag} {last[tag]:.4f}" for tag in ("kappa", "kernel_drift", "weight_change", "twin_gap",
+                                             "twin_distance", "lazy_radius_ratio", "sharpness_lr")))
 
 
 def main(argv=None):
