@@ -142,7 +142,7 @@ def summary_markdown(runs: list[RunData], images: list[str], out_dir: str,
     lines.append(f"- **{run.name}**: {run_verdict(run).sentence}")
   lines += ["", f"Thresholds: lazy when twin_gap and kernel_drift are both ≤ {verdict.LAZY_MAX},"
             f" feature learning when either exceeds {verdict.FEATURE_LEARNING_MIN}, drifting in"
-            " between; lazy_radius_ratio < 1 means the seed's proof covers the run.", ""]
+            " between; lazy_radius_ratio < 1 means the lecture's proof covers the run.", ""]
   for name, comparison in (comparisons or {}).items():
     lines += [f"## Comparison with the kernel regime: {name}", "", comparison.to_markdown()]
   lines += ["## Metrics", "", "Values at the first and last snapshot of each run.", "",
