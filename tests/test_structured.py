@@ -209,7 +209,7 @@ def test_layer_kernel_orders_agree():
   a1, a2 = _inputs((3, 2, 5, 4), 0), _inputs((2, 2, 5, 4), 1)
   g1, g2 = _inputs((3, 3, 2, 5, 6), 2), _inputs((2, 3, 2, 5, 6), 3)
   both = lambda *args: [structured._layer_kernel(*args, t) for t in (False, True)]
-  expected = [np.einsum(spec, *map(np.asarray, (a1, a2, g1, g2)))
+  expected = [np.einsum(spec, *(np.asarray(a, np.float64) for a in (a1, a2, g1, g2)))
               for spec in ("igsc,jgtc,iagso,jbgto->iajb", "igsc,jgtc,iagso,jagto->ij")]
   gram = jax.jit(both)(a1, g1, a2, g2)
   old = structured._MAX_GRAM_ELEMENTS
