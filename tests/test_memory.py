@@ -29,8 +29,8 @@ hessian_norm   557 KB      558 KB       2.17 MB      8.71 MB
 
 So 4x the examples at a fixed ``b`` costs <= 1.17x (the growth is the kernel
 collected from the tiles), and 4x the block size >= 3.4x. The tests allow
-1.5x and require 2.5x: computing every tile at once (or ignoring
-``batch_size``) gives ~9x and 1x.
+1.5x and require 2.5x: computing every tile (or eigenproblem) at once gives
+10-20x the temporary memory, and ignoring ``batch_size`` 1x.
 """
 
 import jax
