@@ -106,6 +106,7 @@ def environment(copy: str) -> dict[str, str]:
   env = dict(os.environ)
   env["PYTHONPATH"] = copy + os.pathsep + env.get("PYTHONPATH", "")
   env["PYTHONDONTWRITEBYTECODE"] = "1"
+  env["COLUMNS"] = "400"  # pytest's summary lines keep the exception and its message
   env.setdefault("JAX_PLATFORMS", "cpu")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   return env
@@ -170,7 +171,7 @@ def run_mutant(mutant: Mutant, files: list[str], pristine: str, timeout: float) 
     return Outcome(mutant, "SURVIVED", seconds, tail[0])
   if result.returncode in (1, 2):  # test failures, or a collection error caused by the mutant
     failed = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return Outcome(mutant, "KILLED", seconds, (failed or tail)[0][:160])
+    return Outcome(mutant, "KILLED", seconds, (failed or tail)[0][:300])
   return Outcome(mutant, "ERROR", seconds, f"pytest exit status {result.returncode}: {tail[0]}")
 
 
