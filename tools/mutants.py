@@ -197,9 +197,14 @@ def report(outcomes: list[Outcome]) -> float:
   killed = counts["KILLED"] + counts["TIMEOUT"]
   scored = killed + counts["SURVIVED"]
   rate = killed / scored if scored else 0.0
-  print("\n| mutant | file | status | s |\n|---|---|---|---:|")
+  # The table of docs/testing.md.
+  print("\n| mutant | file | the bug | caught by | result |\n|---|---|---|---|---|")
+  names = {"KILLED": "killed", "TIMEOUT": "killed (timeout)", "SURVIVED": "**survived**"}
   for o in outcomes:
-    print(f"| {o.mutant.id} | {o.mutant.file} | {o.status} | {o.seconds:.0f} |")
+    m = o.mutant
+    tests = ", ".join(t.removeprefix("tests/") for t in m.tests)
+    print(f"| `{m.id}` | `{m.file.removeprefix('ntk_diag/')}` | {m.description.replace('|', '/')}"
+          f" | {tests} | {names.get(o.status, o.status)} |")
   print(f"\nkilled {killed} / {scored} = {100 * rate:.1f} % "
         f"(survived {counts['SURVIVED']}, timeout {counts['TIMEOUT']}, stale {counts['STALE']}, "
         f"error {counts['ERROR']})")
