@@ -2,11 +2,13 @@
 
 Trains a one-hidden-layer tanh MLP in the NTK parametrization (the seed's
 ``f(x) = d^-1/2 Σ βᵢ σ(wᵢᵀx)``, N(0, 1) weights) at a narrow and a wide width,
-with full-batch gradient descent on the squared loss ``½‖f(X) − Y‖²`` against
-one-hot targets, and ``LazyTrainingHook`` attached the way a user adds it to
-their loop. Then it compares, on the test split, the trained network with its
-linearized twin (trained by the same gradient descent) and with the NTK
-kernel predictor at the same training time and at t = ∞.
+with full-batch gradient descent on the mean squared loss
+``(1/n) Σ_i ½‖f(x_i) − y_i‖²`` against one-hot targets, and ``LazyTrainingHook``
+attached the way a user adds it to their loop. A ``LinearizedTwin`` trains in
+lockstep with the network, with the same optimiser on the same batches. Then
+``nd.compare`` tabulates, on the test split, the trained network, its twin,
+the NTK kernel predictor at the same training time and the kernel
+interpolator (t = ∞).
 
     python examples/digits_mlp.py --workdir runs/digits
     tensorboard --logdir runs
@@ -15,6 +17,7 @@ kernel predictor at the same training time and at t = ∞.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
@@ -27,10 +30,9 @@ from flax import linen as nn
 from flax.training import train_state
 
 import ntk_diag as nd
-from ntk_diag.snapshot import SnapshotConfig
 
 
-RIDGE = 1e-3  # relative to λ_max, for the t = ∞ predictor only
+RIDGE = 1e-3  # relative to λ_max, for the t = ∞ interpolator only
 
 
 class NTKDense(nn.Module):
@@ -52,6 +54,12 @@ class MLP(nn.Module):
     return NTKDense(self.num_classes)(jnp.tanh(NTKDense(self.width)(x)))
 
 
+def make_model(width: int, num_classes: int, input_dim: int, seed: int = 0):
+  """``(apply_fn, params)`` of the MLP (also the ``--model`` factory of ``ntk-diag compare``)."""
+  model = MLP(width=width, num_classes=num_classes)
+  return nd.from_linen(model, model.init(jax.random.key(seed), jnp.zeros((1, input_dim))))
+
+
 def load_data(dataset: str, num_train: int, data_dir: str | None):
   from ntk_diag.datasets import load_numpy
   x_train, y_train = load_numpy(dataset, split="train", data_dir=data_dir)
@@ -64,83 +72,55 @@ def load_data(dataset: str, num_train: int, data_dir: str | None):
 
 
 def train(width, data, *, steps, workdir, every_steps, probe_size, seed=0):
-  """Full-batch GD with the hook attached; returns everything the table needs."""
+  """Full-batch GD with the hook and the lockstep twin; returns the comparison and the last tags."""
   x_train, y_train, x_test, y_test, num_classes = data
-  model = MLP(width=width, num_classes=num_classes)
-  apply_fn, params = nd.from_linen(model, model.init(jax.random.key(seed), x_train[:1]))
+  apply_fn, params = make_model(width, num_classes, x_train.shape[1], seed)
 
-  # Learning rate from the NTK at θ0: stable for GD on ½‖f − y‖² when η < 2/λ_max.
-  kernel_train = nd.empirical_ntk(apply_fn, params, x_train)
-  eig_max = float(nd.kernel_stats(kernel_train, top_k=1)["eig_max"])
-  learning_rate = 1.0 / eig_max
+  # Learning rate from the NTK at θ0: GD on the mean loss (1/n)·½‖f − y‖² is
+  # stable when lr < 2n/λ_max; lr = n/λ_max is the classic 1/λ_max on the sum.
+  eig_max = float(nd.kernel_stats(nd.empirical_ntk(apply_fn, params, x_train), top_k=1)["eig_max"])
+  learning_rate = len(x_train) / eig_max
+  tx = optax.sgd(learning_rate)
 
-  loss = lambda p, f: 0.5 * jnp.sum((f(p, x_train) - y_train) ** 2)
-  state = train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=optax.sgd(learning_rate))
-  twin_fn = nd.linearize(apply_fn, params)
-  twin = train_state.TrainState.create(apply_fn=twin_fn, params=params, tx=optax.sgd(learning_rate))
+  loss = lambda p: 0.5 * jnp.mean(jnp.sum((apply_fn(p, x_train) - y_train) ** 2, axis=1))
+  state = train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
+  twin = nd.LinearizedTwin(apply_fn, params, tx)   # same optimiser, same batches
+  twin_state = twin.init()
 
   @jax.jit
-  def train_step(state, twin):
-    state = state.apply_gradients(grads=jax.grad(loss)(state.params, apply_fn))
-    twin = twin.apply_gradients(grads=jax.grad(loss)(twin.params, twin_fn))
-    return state, twin
+  def train_step(state):
+    return state.apply_gradients(grads=jax.grad(loss)(state.params))
 
   hook = nd.LazyTrainingHook(apply_fn, x_train[:probe_size], y_train[:probe_size], workdir=workdir,
-                             every_steps=every_steps, on_steps=[steps],
-                             config=SnapshotConfig(hessian_examples=4))
+                             every_steps=every_steps, on_steps=[steps], norm_examples=4,
+                             learning_rate=learning_rate)
   from tqdm import tqdm
   for step in tqdm(range(steps + 1), desc=f"width {width:>5}", ncols=80):
-    hook(step, params=state.params)          # <- the one line a user adds
+    hook(step, params=state.params, twin_params=twin_state.params)   # <- the line a user adds
     if step < steps:
-      state, twin = train_step(state, twin)
+      state = train_step(state)
+      twin_state = twin.step(twin_state, x_train, y_train)
 
-  # NTK kernel predictor (NTK at θ0), gradient flow for the same time η·steps.
-  # t = ∞ is the K⁻¹ interpolator; a tiny ridge keeps it defined for the narrow
-  # net, whose (n·k × n·k) kernel is numerically singular in float32.
-  predict = nd.kernel_predictor(kernel_train, y_train, learning_rate=learning_rate)
-  interpolate = nd.kernel_predictor(kernel_train, y_train, ridge=RIDGE * eig_max)
-  kernel_test = nd.empirical_ntk(apply_fn, params, x_test, x_train)
-  f0_train, f0_test = apply_fn(params, x_train), apply_fn(params, x_test)
-  outputs = {
-      "network": apply_fn(state.params, x_test),
-      "linearized twin": twin_fn(twin.params, x_test),
-      "NTK predictor, t": predict(steps, f0_train, f0_test, kernel_test),
-      "NTK predictor, t=∞": interpolate(None, f0_train, f0_test, kernel_test),
-  }
-  return {"outputs": {k: np.asarray(v) for k, v in outputs.items()}, "y_test": y_test,
-          "last": hook.last.scalars, "f0_test": np.asarray(f0_test)}
+  # θ0 from the hook's workdir; the kernel predictor runs for the same time
+  # (η = lr / n for the mean loss, t = steps; see nd.kernel_learning_rate).
+  comparison = nd.compare(apply_fn, workdir, state.params, x_train, y_train, x_test, y_test,
+                          twin_params=twin_state.params, learning_rate=learning_rate,
+                          steps=steps, interpolator_ridge=RIDGE)
+  from ntk_diag import params_io
+  params_io.save_params(os.path.join(workdir, "params.npz"), state.params)
+  params_io.save_params(os.path.join(workdir, "twin_params.npz"), twin_state.params)
+  return {"comparison": comparison, "last": hook.last.scalars, "learning_rate": learning_rate}
 
 
-def comparison_rows(result):
-  """``{row name: value}`` for one width."""
-  outputs, y = result["outputs"], result["y_test"]
-  net = outputs["network"]
-  rows = {}
-  for name, f in outputs.items():
-    rows[f"test MSE  [{name}]"] = float(np.mean(np.sum((f - y) ** 2, axis=1)))
-  for name, f in outputs.items():
-    rows[f"accuracy  [{name}]"] = float(np.mean(f.argmax(1) == y.argmax(1)))
-  for name, f in outputs.items():
-    if name != "network":
-      rows[f"argmax agreement with network [{name}]"] = float(np.mean(f.argmax(1) == net.argmax(1)))
-  moved = np.linalg.norm(net - result["f0_test"])
-  for name in ("linearized twin", "NTK predictor, t"):
-    rows[f"‖f_net − f‖/‖f_net − f0‖ [{name}]"] = float(np.linalg.norm(net - outputs[name]) / moved)
-  for tag in ("kappa", "kernel_drift", "weight_change", "twin_gap"):
-    rows[f"{tag} (end of training)"] = result["last"][tag]
-  return rows
-
-
-def print_table(results):
-  widths = list(results)
-  table = {w: comparison_rows(r) for w, r in results.items()}
-  names = list(table[widths[0]])
-  first = max(len(n) for n in names) + 2
-  print("\n" + "metric".ljust(first) + "".join(f"width {w}".rjust(14) for w in widths))
-  print("-" * (first + 14 * len(widths)))
-  for name in names:
-    print(name.ljust(first) + "".join(f"{table[w][name]:14.4f}" for w in widths))
-  return table
+def print_tables(results, steps):
+  """One comparison table per width, then the hook's last values."""
+  for width, result in results.items():
+    print(f"\nwidth {width}: {result['comparison'].caption()}")
+    print(result["comparison"].table())
+    last = result["last"]
+    print("hook, end of training: " + ", ".join(
+        f"{tag} {last[tag]:.4f}" for tag in ("kappa", "kernel_drift", "weight_change", "twin_gap",
+                                             "twin_distance", "lazy_radius_ratio", "sharpness_lr")))
 
 
 def main(argv=None):
@@ -164,11 +144,22 @@ def main(argv=None):
   results = {w: train(w, data, steps=args.steps, workdir=os.path.join(args.workdir, f"width_{w}"),
                       every_steps=args.every_steps, probe_size=args.probe_size)
              for w in args.widths}
-  table = print_table(results)
+  print_tables(results, args.steps)
   print(f"\nTrained {len(args.widths)} widths in {time.time() - start:.0f} s.")
+  x_train, y_train, x_test, y_test, num_classes = data
+  np.savez(os.path.join(args.workdir, "data.npz"), x_train=x_train, y_train=y_train,
+           x_test=x_test, y_test=y_test)
+  width = args.widths[-1]
+  kwargs = json.dumps(dict(width=width, num_classes=num_classes, input_dim=x_train.shape[1]))
+  run = os.path.join(args.workdir, f"width_{width}")
+  print(f"The same table from the command line:\n  ntk-diag compare {run} --model "
+        f"{os.path.relpath(os.path.abspath(__file__))}:make_model --model-kwargs '{kwargs}' "
+        f"--params {run}/params.npz --twin-params {run}/twin_params.npz "
+        f"--data {args.workdir}/data.npz --learning-rate {results[width]['learning_rate']:.6g} "
+        f"--steps {args.steps}")
   print(f"TensorBoard logs: {os.path.abspath(args.workdir)}")
   print(f"View them with:\n  tensorboard --logdir {os.path.relpath(os.path.dirname(os.path.abspath(args.workdir)))}")
-  return table
+  return results
 
 
 if __name__ == "__main__":

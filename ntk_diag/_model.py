@@ -69,3 +69,11 @@ def pad_to_blocks(x: PyTree, n: int, block: int) -> PyTree:
 def param_dtype(params: PyTree) -> jnp.dtype:
   leaves = jax.tree.leaves(params)
   return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+def bind_model_state(apply_fn: Callable, model_state: Any) -> Callable[[PyTree, PyTree], jax.Array]:
+  """``apply_fn(params, x, model_state)`` as a function of ``(params, x)``;
+  ``apply_fn`` itself when ``model_state`` is None."""
+  if model_state is None:
+    return apply_fn
+  return lambda params, x: apply_fn(params, x, model_state)

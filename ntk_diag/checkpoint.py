@@ -1,19 +1,25 @@
-"""θ0, the probe set and the NTK at θ0, checkpointed with orbax.
+"""θ0, its model state, the probe set and the NTK at θ0, checkpointed with orbax.
 
 Layout: ``{workdir}/ntk_diag/initial`` is an orbax PyTree checkpoint holding
-``{"params": {name: array}, "probe_x": ..., "probe_y": ..., "kernel0": ..., "step": ...}``
-where ``name`` is the dotted key path of each parameter leaf (for example
-``"Dense_0.kernel"``, or ``"layers.0.kernel.value"`` for NNX state). Arrays are
-saved from host memory, so θ0 restores bitwise. Orbax writes to a temporary
-directory and renames it, so a process killed mid-save leaves no partial
-checkpoint behind; an existing checkpoint is never overwritten.
+``{"params": {name: array}, "model_state": {name: array}, "probe_x": ...,
+"probe_y": ..., "kernel0": ..., "step": ...}`` where ``name`` is the dotted key
+path of each leaf (for example ``"Dense_0.kernel"``, ``"batch_stats.bn.mean"``
+or ``"layers.0.kernel.value"`` for NNX state); ``model_state`` and ``kernel0``
+are present only when the run has them. Arrays are saved from host memory, so
+θ0 restores bitwise. Orbax writes to a temporary directory and renames it, so a
+process killed mid-save leaves no partial checkpoint behind; an existing
+checkpoint is never overwritten, and one that cannot be read is reported, not
+touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -33,6 +39,7 @@ class InitialState:
   probe_y: np.ndarray
   kernel0: np.ndarray | None
   step: int = 0
+  model_state: PyTree = None
 
 
 def checkpoint_path(workdir: str) -> str:
@@ -43,13 +50,52 @@ def has_initial_state(workdir: str) -> bool:
   return os.path.isdir(checkpoint_path(workdir))
 
 
-def _flat_params(params: PyTree) -> dict[str, np.ndarray]:
-  leaves = jax.device_get(jax.tree.leaves(params))
-  return {name: np.asarray(leaf) for name, leaf in zip(_tree.leaf_names(params), leaves)}
+def flat_leaves(tree: PyTree) -> dict[str, np.ndarray]:
+  """``{dotted name: host array}`` of the leaves of ``tree``."""
+  leaves = jax.device_get(jax.tree.leaves(tree))
+  return {name: np.asarray(leaf) for name, leaf in zip(_tree.leaf_names(tree), leaves)}
 
 
-def _signature(flat: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {name: (tuple(a.shape), str(np.dtype(a.dtype))) for name, a in flat.items()}
+def _signature(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {name: (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+          for name, leaf in zip(_tree.leaf_names(tree), jax.tree.leaves(tree))}
+
+
+# --------------------------------------------------------------------- logging
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's INFO/DEBUG records while ntk_diag saves or restores θ0."""
+  active = 0
+  lock = threading.Lock()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (self.active and record.levelno < logging.WARNING
+                and "orbax" in (record.pathname or ""))
+
+
+_FILTER = _QuietOrbax()
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Orbax logs a dozen INFO lines per save through absl (shown at absl's default
+  verbosity, e.g. under ``absl.app``); keep them out of the user's log."""
+  logger = logging.getLogger("absl")
+  with _QuietOrbax.lock:
+    if not _QuietOrbax.active:
+      logger.addFilter(_FILTER)
+    _QuietOrbax.active += 1
+  try:
+    yield
+  finally:
+    with _QuietOrbax.lock:
+      _QuietOrbax.active -= 1
+      if not _QuietOrbax.active:
+        logger.removeFilter(_FILTER)
+
+
+# ------------------------------------------------------------------ save/restore
 
 
 def save_initial_state(workdir: str, state: InitialState) -> None:
@@ -61,14 +107,17 @@ def save_initial_state(workdir: str, state: InitialState) -> None:
     raise FileExistsError(f"An initial-state checkpoint already exists at {path}; it is never overwritten.")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tree = {
-      "params": _flat_params(state.params),
+      "params": flat_leaves(state.params),
       "probe_x": jax.device_get(state.probe_x),
       "probe_y": np.asarray(jax.device_get(state.probe_y)),
       "step": np.asarray(state.step, np.int64),
   }
+  if state.model_state is not None and jax.tree.leaves(state.model_state):
+    tree["model_state"] = flat_leaves(state.model_state)
   if state.kernel0 is not None:
     tree["kernel0"] = np.asarray(jax.device_get(state.kernel0))
-  ocp.PyTreeCheckpointer().save(path, tree)
+  with _quiet_orbax():
+    ocp.PyTreeCheckpointer().save(path, tree)
 
 
 def _restore_raw(workdir: str) -> dict[str, Any]:
@@ -78,42 +127,66 @@ def _restore_raw(workdir: str) -> dict[str, Any]:
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"No ntk_diag initial-state checkpoint under `workdir`={workdir!r} (expected {path}).")
-  return ocp.PyTreeCheckpointer().restore(path)
+  try:
+    with _quiet_orbax():
+      raw = ocp.PyTreeCheckpointer().restore(path)
+    if not isinstance(raw, dict) or "params" not in raw or "probe_x" not in raw:
+      raise ValueError(f"unexpected contents {sorted(raw) if isinstance(raw, dict) else type(raw)}")
+  except Exception as error:
+    raise ValueError(
+        f"The θ0 checkpoint under `workdir`={workdir!r} ({path}) cannot be read; it is truncated or"
+        f" corrupted ({type(error).__name__}: {str(error)[:300]}). It was left untouched. To start"
+        f" fresh, delete {path} or pass a new workdir.") from error
+  return raw
 
 
-def restore_initial_state(workdir: str, like_params: PyTree) -> InitialState:
-  """Restores the checkpoint into the structure of ``like_params``.
+def _check_matches(workdir: str, what: str, saved: dict[str, np.ndarray], like: PyTree) -> None:
+  expected = _signature(like)
+  found = {name: (tuple(a.shape), str(a.dtype)) for name, a in saved.items()}
+  if expected == found:
+    return
+  missing = sorted(set(expected) - set(found))
+  extra = sorted(set(found) - set(expected))
+  changed = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+  raise ValueError(
+      f"`workdir`={workdir!r} holds θ0 of a different model (stale workdir): {what} missing from"
+      f" the checkpoint: {missing[:5]}, unexpected: {extra[:5]}, different shape/dtype:"
+      f" {[(n, found[n], expected[n]) for n in changed[:5]]}. Use a new workdir, or delete"
+      f" {checkpoint_path(workdir)} to start fresh; the existing checkpoint was not modified.")
+
+
+def _unflatten(saved: dict[str, np.ndarray], like: PyTree) -> PyTree:
+  treedef = jax.tree.structure(like)
+  return jax.tree.unflatten(treedef, [saved[name] for name in _tree.leaf_names(like)])
+
+
+def restore_initial_state(workdir: str, like_params: PyTree,
+                          like_model_state: PyTree = None, *,
+                          with_model_state: bool = True) -> InitialState:
+  """Restores the checkpoint into the structure of ``like_params`` (and
+  ``like_model_state``).
 
   Raises:
-    ValueError: if the saved θ0 has different parameter names, shapes or
-      dtypes than ``like_params`` (a stale ``workdir`` from another model).
+    ValueError: the checkpoint cannot be read (truncated, corrupted); its θ0
+      has different names, shapes or dtypes than ``like_params`` (a stale
+      ``workdir`` from another model); or, with ``with_model_state``, its model
+      state does not fit ``like_model_state`` (``None``: the run has none).
       The checkpoint is left untouched.
   """
   raw = _restore_raw(workdir)
   saved = {name: np.asarray(a) for name, a in raw["params"].items()}
-  expected = _signature(_flat_params_shapes(like_params))
-  found = _signature(saved)
-  if expected != found:
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    changed = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
-    raise ValueError(
-        f"`workdir`={workdir!r} holds θ0 of a different model (stale workdir): "
-        f"parameters missing from the checkpoint: {missing[:5]}, unexpected: {extra[:5]}, "
-        f"different shape/dtype: {[(n, found[n], expected[n]) for n in changed[:5]]}. "
-        "Use a new workdir; the existing checkpoint was not modified.")
-  treedef = jax.tree.structure(like_params)
-  params = jax.tree.unflatten(treedef, [saved[name] for name in _tree.leaf_names(like_params)])
+  _check_matches(workdir, "parameters", saved, like_params)
+  model_state = None
+  if with_model_state:
+    like = like_model_state if like_model_state is not None else {}
+    saved_state = {name: np.asarray(a) for name, a in raw.get("model_state", {}).items()}
+    _check_matches(workdir, "model-state variables", saved_state, like)
+    model_state = _unflatten(saved_state, like_model_state) if like_model_state is not None else None
   kernel0 = raw.get("kernel0")
-  return InitialState(params=params, probe_x=raw["probe_x"], probe_y=np.asarray(raw["probe_y"]),
+  return InitialState(params=_unflatten(saved, like_params), probe_x=raw["probe_x"],
+                      probe_y=np.asarray(raw["probe_y"]),
                       kernel0=None if kernel0 is None else np.asarray(kernel0),
-                      step=int(raw.get("step", 0)))
-
-
-def _flat_params_shapes(params: PyTree) -> dict[str, Any]:
-  leaves = jax.tree.leaves(params)
-  return {name: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
-          for name, leaf in zip(_tree.leaf_names(params), leaves)}
+                      step=int(raw.get("step", 0)), model_state=model_state)
 
 
 def load_initial_params(workdir: str, like: PyTree | None = None) -> PyTree:
@@ -129,8 +202,21 @@ def load_initial_params(workdir: str, like: PyTree | None = None) -> PyTree:
     θ0 as numpy arrays, bitwise equal to what was saved.
   """
   if like is not None:
-    return restore_initial_state(workdir, like).params
-  flat = _restore_raw(workdir)["params"]
+    return restore_initial_state(workdir, like, with_model_state=False).params
+  return _nested(_restore_raw(workdir)["params"])
+
+
+def load_initial_model_state(workdir: str, like: PyTree | None = None) -> PyTree:
+  """θ0's model state (e.g. ``{"batch_stats": ...}``), or ``None`` if the run had none."""
+  raw = _restore_raw(workdir)
+  if "model_state" not in raw:
+    return None
+  if like is not None:
+    return _unflatten({n: np.asarray(a) for n, a in raw["model_state"].items()}, like)
+  return _nested(raw["model_state"])
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
   nested: dict[str, Any] = {}
   for name, value in flat.items():
     node = nested

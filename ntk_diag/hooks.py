@@ -1,14 +1,18 @@
 """``LazyTrainingHook``: lazy-training diagnostics inside any Flax training loop.
 
 A thin stateful shell, in the manner of ``clu.periodic_actions``: the math
-lives in the pure functions of :mod:`ntk_diag.snapshot`, compiled once; this
-module decides when to run it, keeps θ0 (via :mod:`ntk_diag.checkpoint`) and
+lives in the pure function :func:`ntk_diag.snapshot.snapshot`, compiled once
+per run; this module decides when to run it, keeps θ0 (via
+:mod:`ntk_diag.checkpoint`), holds the snapshot's state between calls and
 writes the results through a CLU ``MetricWriter``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
+import time
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -17,13 +21,16 @@ import numpy as np
 from clu import metric_writers
 from clu import periodic_actions
 
+from ntk_diag import _model
 from ntk_diag import _validation
 from ntk_diag import checkpoint
+from ntk_diag import losses
 from ntk_diag import snapshot as snapshot_lib
 from ntk_diag import tb_logging
 
 PyTree = Any
 DEFAULT_EVERY_STEPS = 100
+_TWIN_TAGS = ("twin_distance", "twin_param_distance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +41,7 @@ class SnapshotResult:
     step: training step of the snapshot.
     scalars: every logged scalar, keyed by tag without the ``ntk_diag/`` prefix.
     eigenvalues: NTK eigenvalues on the probe set, descending (or ``None``).
-    kernel: the NTK on the probe set (or ``None``).
+    kernel: the NTK on the probe set when it was fetched for the images (or ``None``).
   """
   step: int
   scalars: dict[str, float]
@@ -42,26 +49,48 @@ class SnapshotResult:
   kernel: np.ndarray | None
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the hook holds after start-up: the compiled snapshot and its state."""
+  snapshotter: snapshot_lib.Snapshotter
+  state: snapshot_lib.DiagState
+  with_model_state: bool
+  replicated: bool
+  pending: tuple[int, dict] | None = None  # the start-up snapshot (at θ0), not yet logged
+
+
 class LazyTrainingHook(periodic_actions.PeriodicAction):
   """Periodic NTK / lazy-ratio diagnostics, logged to TensorBoard through CLU.
 
-  Call it once per step, before the update (so step 0 sees θ0)::
+  Call it once per step, before the update (so the first call sees θ0)::
 
     hook = LazyTrainingHook(apply_fn, probe_x, probe_y, workdir=workdir, every_steps=100)
     for step in range(num_steps):
-      hook(step, params=state.params)   # or hook(step, model=model) for NNX
+      hook(step, params=state.params, model_state={"batch_stats": state.batch_stats})
       state = train_step(state, batch)
 
-  On the first call θ0, the probe set and the NTK at θ0 are checkpointed under
-  ``workdir`` with orbax; a hook on a ``workdir`` that already holds them (a
-  resumed run) restores them instead, so every quantity keeps being measured
-  from the original θ0. Each triggered call computes one snapshot with a
-  single compiled function, writes it, and flushes the writer.
+  (``model_state`` only for models that have one; ``hook(step, model=model)``
+  for NNX.) The measured function is always the model of this step in eval
+  mode: ``apply_fn(params, x, model_state)``.
+
+  Start-up, at the first call: θ0, its model state, the probe set and the NTK
+  at θ0 are checkpointed under ``workdir`` with orbax, or restored if
+  ``workdir`` holds them and this is a resumed run (a first call at a step
+  after the saved one); the snapshot is compiled once for the shardings of
+  that call. Misconfiguration raises here (``ValueError``/``TypeError``)
+  with a message that says what to change: ``probe_y`` that doesn't fit the
+  model and ``loss``, an ``apply_fn`` that fails, a ``workdir`` holding θ0 of
+  another model or of another run, a checkpoint that cannot be read. After
+  start-up the hook never raises into the loop (unless ``strict``): a failed
+  snapshot is warned about and counted in ``ntk_diag/failed``.
 
   Args:
-    apply_fn: ``apply_fn(params, x) -> (n, *out)`` (e.g. from :func:`ntk_diag.from_linen`).
+    apply_fn: ``apply_fn(params, x)``, or ``apply_fn(params, x, model_state)``
+      when the hook is given ``model_state`` (e.g. from
+      :func:`ntk_diag.from_linen` or :func:`ntk_diag.from_nnx`).
     probe_x: probe inputs, ``n`` examples.
-    probe_y: probe targets, shaped like the model output on ``probe_x``.
+    probe_y: probe targets for ``loss``: shaped like the model output, or
+      integer labels for ``"softmax_cross_entropy"``.
     workdir: directory for the θ0 checkpoint and (default writer) event files.
     writer: a ``clu.metric_writers.MetricWriter``; default
       ``create_default_writer(workdir)`` (logging only on processes other than 0).
@@ -69,31 +98,65 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       ``clu.periodic_actions.PeriodicAction``; if all are ``None``,
       ``every_steps=100``. A step divisible by ``every_steps`` triggers,
       including the first call.
+    loss: ``"mse"`` (default), ``"softmax_cross_entropy"`` or a callable
+      ``loss(outputs, y) -> (n,)``: ``residual_norm`` and ``kappa`` use its
+      output gradient (:mod:`ntk_diag.losses`).
+    norm_examples: the norm tags (``jacobian_norm``, ``hessian_norm``,
+      ``residual_norm``, ``kappa``, the lazy radius) are those of
+      :func:`ntk_diag.lazy_ratio` on the first ``norm_examples`` probe points
+      (``None``: all); the kernel tags and ``sharpness``
+      (:func:`ntk_diag.loss_sharpness`) use every probe point.
+    learning_rate: the optimiser's step ``η``: also log
+      ``sharpness_lr = η · sharpness`` (the edge of stability is at 2).
+    infinite: a network of :mod:`ntk_diag.infinite` (``serial(...)``), the
+      infinite-width limit of the model: also log
+      ``kernel_distance_infinite``, the relative Frobenius distance of the
+      per-output NTK (``trace_outputs / k``) from the limit's NTK.
+    max_overhead: a budget for the fraction of wall time spent in snapshots:
+      a due snapshot is deferred while (time in snapshots after the first) /
+      (wall time since the first snapshot ended) would exceed it, and taken
+      at the first step where it fits; ``ntk_diag/overhead`` logs that fraction.
     compute_ntk: NTK snapshot, kernel statistics vs θ0 and targets, velocity.
-    compute_norms: Jacobian / Hessian norms and κ.
-    compute_twin: gap between the network and its linearization at θ0.
+    compute_norms: Jacobian / Hessian norms, κ and the lazy radius.
+    compute_twin: gap between the network and its linearization at θ0 (and
+      the lockstep twin's distances when called with ``twin_params``).
     config: cost and method options, see :class:`ntk_diag.snapshot.SnapshotConfig`.
     log_images: also write the NTK heatmap and spectrum plot as images.
     images_every: write the images at every ``images_every``-th snapshot
       (the first included); rendering the plot costs ~0.1 s.
-    strict: re-raise exceptions from a snapshot instead of warning and
-      counting them in ``ntk_diag/failed`` (the training loop is never
-      interrupted when ``False``).
+    strict: re-raise exceptions from snapshots after start-up instead of
+      warning and counting them in ``ntk_diag/failed``.
+    clock: the time source for ``t`` and for the snapshot durations of
+      ``max_overhead`` (tests pass a fake one).
   """
 
   def __init__(self, apply_fn: Callable, probe_x: PyTree, probe_y: Any, *, workdir: str,
                writer: metric_writers.MetricWriter | None = None,
                every_steps: int | None = None, every_secs: float | None = None,
-               on_steps: Iterable[int] | None = None,
+               on_steps: Iterable[int] | None = None, loss: losses.LossLike = "mse",
+               norm_examples: int | None = snapshot_lib.DEFAULT_NORM_EXAMPLES,
+               learning_rate: float | None = None, infinite: Any = None,
+               max_overhead: float | None = None,
                compute_ntk: bool = True, compute_norms: bool = True, compute_twin: bool = True,
                config: snapshot_lib.SnapshotConfig | None = None,
-               log_images: bool = True, images_every: int = 10, strict: bool = False):
+               log_images: bool = True, images_every: int = 10, strict: bool = False,
+               clock: Callable[[], float] = time.monotonic):
     _validation.check_callable("apply_fn", apply_fn)
     n = _validation.leading_size("probe_x", probe_x)
     _validation.check_same_length("probe_x", n, "probe_y", _validation.leading_size("probe_y", probe_y))
     _validation.check_positive_int("every_steps", every_steps, optional=True)
     _validation.check_positive_number("every_secs", every_secs, optional=True)
     _validation.check_positive_int("images_every", images_every)
+    _validation.check_positive_int("norm_examples", norm_examples, optional=True)
+    _validation.check_positive_number("max_overhead", max_overhead, optional=True)
+    _validation.check_positive_number("learning_rate", learning_rate, optional=True)
+    if infinite is not None:
+      from ntk_diag.infinite import layers as infinite_layers
+      if not isinstance(infinite, infinite_layers.Serial):
+        raise TypeError("`infinite` must be a network from ntk_diag.infinite.serial(...); got "
+                        f"{type(infinite).__name__}.")
+      infinite_layers.check_network(infinite, tuple(np.shape(probe_x)[1:]))
+    losses.check_loss("loss", loss)
     if not isinstance(workdir, (str, bytes)) and not hasattr(workdir, "__fspath__"):
       raise TypeError(f"`workdir` must be a path; got {type(workdir).__name__}.")
     if every_steps is None and every_secs is None and not on_steps:
@@ -101,81 +164,218 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     super().__init__(every_steps=every_steps, every_secs=every_secs, on_steps=on_steps)
     self._config = config or snapshot_lib.SnapshotConfig()
     self._config.validate()
-    self._groups = snapshot_lib.Groups(ntk=compute_ntk, norms=compute_norms, twin=compute_twin)
+    self._groups = dict(compute_ntk=bool(compute_ntk), compute_norms=bool(compute_norms),
+                        compute_twin=bool(compute_twin))
     self._apply_fn = apply_fn
     self._probe_x = probe_x
     self._probe_y = probe_y
-    self._workdir = workdir
+    self._loss = loss
+    self._learning_rate = None if learning_rate is None else float(learning_rate)
+    self._infinite = infinite
+    self._norm_examples = snapshot_lib.norm_examples_count(n, norm_examples)
+    self._workdir = os.fspath(workdir)
     self._is_writer = jax.process_index() == 0
     self._writer = writer if writer is not None else metric_writers.create_default_writer(
-        workdir, just_logging=not self._is_writer)
+        self._workdir, just_logging=not self._is_writer)
     self._log_images = log_images
     self._images_every = images_every
-    self._snapshots = 0
     self._strict = strict
-    self._params = None
-    self._engine: snapshot_lib.SnapshotEngine | None = None
+    self._clock = clock
+    self._max_overhead = max_overhead
+    self._snapshots = 0
     self._failures = 0
-    self._disabled = False
-    self._warned_nonfinite = False
+    self._warned = set()
+    self._run: _Run | None = None
+    # Overhead accounting: end of the first snapshot, time in snapshots after
+    # it, and the duration of the last one (the estimate of the next).
+    self._first_end: float | None = None
+    self._spent = 0.0
+    self._last_cost = 0.0
+    self._deferred = False
     self.last: SnapshotResult | None = None
 
   # ----------------------------------------------------------------- calling
-  def __call__(self, step: int, t: float | None = None, *, params: PyTree = None,
-               model: Any = None) -> bool:
-    """Call after every step with the current ``params`` (or NNX ``model``).
+  def __call__(self, step: Any, t: float | None = None, *, params: PyTree = None,
+               model: Any = None, model_state: PyTree = None, twin_params: PyTree = None) -> bool:
+    """Call every step (before the update) with the current ``params`` (or NNX ``model``).
+
+    Args:
+      step: the training step, a Python int or an integer scalar array
+        (``TrainState.step``; passing a Python int avoids a device sync).
+      t: the current time; default ``clock()``.
+      params: the trainable parameters; pmap-replicated params
+        (``flax.jax_utils.replicate``) are accepted (the first replica is used).
+      model: an ``nnx.Module`` instead of ``params``: its ``nnx.Param`` state
+        and its other (non-RNG) state are read at this step.
+      model_state: the non-trainable variables of this step, e.g.
+        ``{"batch_stats": state.batch_stats}``; the hook then calls
+        ``apply_fn(params, x, model_state)``.
+      twin_params: the lockstep twin's parameters (:class:`ntk_diag.LinearizedTwin`).
 
     Returns:
       Whether a snapshot was taken.
     """
-    if (params is None) == (model is None):
-      raise TypeError("Pass exactly one of `params=` (a params pytree) or `model=` (an nnx.Module).")
-    if model is not None:
-      from flax import nnx
-      if not isinstance(model, nnx.Module):
-        raise TypeError(f"`model` must be an nnx.Module; got {type(model).__name__}.")
-      params = nnx.state(model, nnx.Param)
-    if self._disabled:
-      return False
-    if self._engine is None:
-      # Wrong probe targets, a stale workdir...: without `strict` the hook
-      # turns itself off instead of killing the run.
-      if not self._guarded(step, "could not start; the hook is disabled",
-                           lambda: setattr(self, "_engine", self._initialize(params, step))):
-        self._disabled = True
+    if self._run is None:
+      # Start-up: misconfiguration raises here, naming the fix.
+      step = _as_step(step)
+      self._run = self._start(step, **_inputs(params, model, model_state, twin_params))
+    else:
+      try:
+        step = _as_step(step)
+      except TypeError as error:
+        self._fail(step, "the call was ignored", error)
         return False
-    self._params = params
+    self._inputs = (params, model, model_state, twin_params)
     try:
-      return super().__call__(step, t)
+      return super().__call__(step, self._clock() if t is None else t)
     finally:
-      self._params = None
+      self._inputs = None
 
   @property
   def initial_params(self) -> PyTree:
     """θ0 (restored from ``workdir`` on a resumed run)."""
-    if self._engine is None:
+    if self._run is None:
       raise RuntimeError("θ0 is known after the first call of the hook.")
-    return self._engine.theta0
+    return self._run.state.theta0
 
-  # ---------------------------------------------------------------- internals
-  def _initialize(self, params: PyTree, step: int) -> snapshot_lib.SnapshotEngine:
-    if checkpoint.has_initial_state(self._workdir):
-      state = checkpoint.restore_initial_state(self._workdir, params)
-      return snapshot_lib.SnapshotEngine(self._apply_fn, state.params, state.probe_x, state.probe_y,
-                                         kernel0=state.kernel0, step0=state.step,
-                                         groups=self._groups, config=self._config)
-    engine = snapshot_lib.SnapshotEngine(self._apply_fn, params, self._probe_x, self._probe_y,
-                                         kernel0=None, step0=step, groups=self._groups,
-                                         config=self._config)
-    checkpoint.save_initial_state(self._workdir, checkpoint.InitialState(
-        params=engine.theta0, probe_x=engine.probe_x, probe_y=engine.probe_y,
-        kernel0=engine.kernel0, step=step))
-    return engine
+  # ------------------------------------------------------------- scheduling
+  def _init_and_check(self, step: int, t: float) -> None:
+    # clu raises when a step is skipped with `every_steps`; the hook must not
+    # raise into the loop (gradient accumulation, evaluation-only steps...).
+    if (self._previous_step is not None and self._every_steps is not None
+        and step - self._last_step != 1):
+      self._warn_once("skipped", f"ntk_diag: the hook was called at step {step} after step "
+                      f"{self._last_step}; call it once every step for `every_steps` to be exact.")
+    if self._previous_step is None:
+      self._previous_step, self._previous_time = step, t
+    self._last_step = step
+
+  def _should_trigger(self, step: int, t: float) -> bool:
+    due = super()._should_trigger(step, t) or self._deferred
+    pending = self._run.pending is not None and self._run.pending[0] == step
+    if not due or self._max_overhead is None or pending:
+      return due
+    projected = (self._spent + self._last_cost) / max(t + self._last_cost - self._first_end, 1e-9)
+    self._deferred = projected > self._max_overhead
+    return not self._deferred
 
   def _apply(self, step: int, t: float) -> None:
+    start = self._clock()
+    computed = []
     self._guarded(step, "snapshot failed and was skipped",
-                  lambda: self._record(step, self._engine.run(self._params, step)))
+                  lambda: computed.append(self._snapshot(step, start)))
+    cost = self._clock() - start
+    self._spent += cost
+    if computed and computed[0]:
+      self._last_cost = cost
 
+  # ---------------------------------------------------------------- start-up
+  def _start(self, step: int, *, params: PyTree, model_state: PyTree, twin_params: PyTree) -> _Run:
+    del twin_params
+    params, replicated = _unreplicate(params)
+    model_state = _unreplicate(model_state, replicated)[0] if model_state is not None else None
+    with_model_state = model_state is not None
+    x = self._probe_x
+    n = _validation.leading_size("probe_x", x)
+    out_shape = self._output_shape(params, model_state, x)
+    losses.check_targets("probe_y", self._probe_y, self._loss, (n,) + out_shape)
+    k = _model.num_outputs(out_shape)
+    warm = snapshot_lib.warm_start_fits(params, self._norm_examples, k,
+                                        self._config.warm_start_bytes)
+    spec = snapshot_lib.SnapshotSpec(
+        apply_fn=self._apply_fn, with_model_state=with_model_state, config=self._config,
+        loss=self._loss, norm_examples=self._norm_examples, warm_start=warm,
+        learning_rate=self._learning_rate, infinite=self._infinite,
+        alignment=not callable(self._loss) or np.size(self._probe_y) == n * k, **self._groups)
+
+    theta0, model_state0, probe_x, probe_y, kernel0, step0 = (
+        params, model_state, x, self._probe_y, None, step)
+    restored = None
+    if checkpoint.has_initial_state(self._workdir):
+      restored = checkpoint.restore_initial_state(self._workdir, params, model_state)
+      if step <= restored.step and not _same_values(params, restored.params):
+        path = checkpoint.checkpoint_path(self._workdir)
+        raise ValueError(
+            f"`workdir`={self._workdir!r} holds θ0 of another run: it was saved at step "
+            f"{restored.step} and this run starts at step {step} with different parameters (a new "
+            f"seed or model in a reused workdir?). A resumed run starts after step {restored.step}. "
+            f"Use a new workdir, or delete {path} to start fresh; the checkpoint was not modified.")
+      theta0, model_state0, probe_x, step0 = (restored.params, restored.model_state,
+                                              restored.probe_x, restored.step)
+      probe_y, kernel0 = restored.probe_y, restored.kernel0
+    # Private device copies, placed like this call's arrays: the training step
+    # may donate the caller's buffers.
+    theta0 = _place(theta0, params)
+    model_state0 = _place(model_state0, model_state) if with_model_state else None
+    prepared_y = np.asarray(losses.prepare_targets(self._loss, np.asarray(probe_y), (n,) + out_shape))
+    state = snapshot_lib.initial_state(spec, theta0, model_state0, probe_x, prepared_y,
+                                       step=step0, kernel0=kernel0)
+    snapshotter = snapshot_lib.Snapshotter(spec, state, params, model_state)
+    # The first snapshot is at θ0: it fills f(θ0), K0, the lazy radius and
+    # the warm starts. In a fresh run it is this step's snapshot.
+    start = self._clock()
+    state, metrics = jax.block_until_ready(snapshotter(state, theta0, model_state0, step0))
+    self._last_cost = self._clock() - start
+    if restored is None:
+      checkpoint.save_initial_state(self._workdir, checkpoint.InitialState(
+          params=theta0, probe_x=probe_x, probe_y=probe_y, model_state=model_state0,
+          kernel0=state.kernel0, step=step0))
+    pending = (step, metrics) if restored is None else None
+    self._first_end = self._clock()
+    return _Run(snapshotter=snapshotter, state=state, with_model_state=with_model_state,
+                replicated=replicated, pending=pending)
+
+  def _output_shape(self, params: PyTree, model_state: PyTree, x: PyTree) -> tuple[int, ...]:
+    """The per-example output shape; an ``apply_fn`` that fails raises with hints."""
+    fn = (self._apply_fn if model_state is None
+          else lambda p, xx: self._apply_fn(p, xx, model_state))
+    try:
+      return _model.example_output_shape(fn, params, x)
+    except Exception as error:
+      raise _startup_error(error, model_state is not None) from error
+
+  # --------------------------------------------------------------- snapshots
+  def _snapshot(self, step: int, start: float) -> bool:
+    """Takes (or logs the start-up) snapshot; returns whether one was computed."""
+    run = self._run
+    inputs = _inputs(*self._inputs)
+    computed = not (run.pending is not None and run.pending[0] == step)
+    if not computed:
+      metrics = run.pending[1]  # the start-up snapshot at θ0
+    else:
+      params, model_state, twin_params = (_unreplicate(inputs[name], run.replicated)[0]
+                                          for name in ("params", "model_state", "twin_params"))
+      if run.with_model_state != (model_state is not None):
+        raise ValueError("Pass `model_state` at every call or at none (it was "
+                         f"{'given' if run.with_model_state else 'not given'} at the first call).")
+      run.state, metrics = run.snapshotter(run.state, params, model_state, step, twin_params)
+    run.pending = None
+    if inputs["twin_params"] is None:
+      metrics = {name: v for name, v in metrics.items() if name not in _TWIN_TAGS}
+    self._record(step, metrics, start)
+    return computed
+
+  def _record(self, step: int, metrics: dict[str, jax.Array], start: float) -> None:
+    eigenvalues = metrics.pop("eigenvalues", None)
+    host = jax.device_get((metrics, eigenvalues))
+    scalars = {name: float(value) for name, value in host[0].items()}
+    eigenvalues = None if host[1] is None else np.asarray(host[1])
+    scalars["failed"] = float(self._failures)
+    if self._max_overhead is not None:
+      now = self._clock()
+      scalars["overhead"] = (self._spent + now - start) / max(now - self._first_end, 1e-9)
+    if scalars.get("nonfinite"):
+      self._warn_once("nonfinite", f"ntk_diag: non-finite values at step {step} (NaN/Inf in "
+                      "params or outputs); logging them with ntk_diag/nonfinite = 1.")
+    images = self._log_images and self._snapshots % self._images_every == 0
+    kernel = None
+    if images and self._run.state.prev_kernel is not None:
+      kernel = np.asarray(jax.device_get(self._run.state.prev_kernel))
+    self._snapshots += 1
+    self.last = SnapshotResult(step=step, scalars=scalars, eigenvalues=eigenvalues, kernel=kernel)
+    self._write(step, scalars, eigenvalues, kernel)
+
+  # ---------------------------------------------------------------- failures
   def _guarded(self, step: int, what: str, action: Callable[[], Any]) -> bool:
     """Runs ``action``; a failure is counted in ``ntk_diag/failed`` and warned
     about (re-raised with ``strict``), never propagated into the training loop."""
@@ -183,29 +383,24 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       action()
       return True
     except Exception as error:
-      self._failures += 1
-      if self._strict:
-        raise
-      warnings.warn(f"ntk_diag: step {step}: {what}: {type(error).__name__}: {error}",
-                    RuntimeWarning, stacklevel=4)
-      try:
-        self._write(step, {"failed": float(self._failures)}, None, None)
-      except Exception:  # the writer itself is broken; the warning is all we can do
-        pass
-      return False
+      return self._fail(step, what, error)
 
-  def _record(self, step: int, result: snapshot_lib.EngineResult) -> None:
-    scalars = dict(result.scalars, failed=float(self._failures))
-    if not result.finite:
-      if not self._warned_nonfinite:
-        warnings.warn(f"ntk_diag: non-finite values at step {step} (NaN/Inf in params or outputs); "
-                      "logging them with ntk_diag/nonfinite = 1.", RuntimeWarning, stacklevel=3)
-        self._warned_nonfinite = True
-    self.last = SnapshotResult(step=step, scalars=scalars, eigenvalues=result.eigenvalues,
-                               kernel=result.kernel)
-    images = self._log_images and self._snapshots % self._images_every == 0
-    self._snapshots += 1
-    self._write(step, scalars, result.eigenvalues, result.kernel if images else None)
+  def _fail(self, step: Any, what: str, error: Exception) -> bool:
+    self._failures += 1
+    if self._strict:
+      raise error
+    warnings.warn(f"ntk_diag: step {step}: {what}: {type(error).__name__}: {error}",
+                  RuntimeWarning, stacklevel=5)
+    try:
+      self._write(step, {"failed": float(self._failures)}, None, None)
+    except Exception:  # the writer itself is broken; the warning is all we can do
+      pass
+    return False
+
+  def _warn_once(self, key: str, message: str) -> None:
+    if key not in self._warned:
+      self._warned.add(key)
+      warnings.warn(message, RuntimeWarning, stacklevel=5)
 
   def _write(self, step: int, scalars: dict[str, float], eigenvalues: np.ndarray | None,
              kernel: np.ndarray | None) -> None:
@@ -213,7 +408,104 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       return
     tb_logging.write_snapshot(self._writer, step, scalars, eigenvalues, kernel)
 
-  @property
-  def disabled(self) -> bool:
-    """Whether the hook turned itself off because it could not start (``strict=False``)."""
-    return self._disabled
+
+# ------------------------------------------------------------------- helpers
+
+
+def _as_step(step: Any) -> int:
+  """A Python int from an int or an integer scalar array (``TrainState.step``)."""
+  if isinstance(step, (bool, np.bool_)):
+    raise TypeError(f"`step` must be an integer; got {step!r}.")
+  if isinstance(step, numbers.Integral):
+    return int(step)
+  dtype = getattr(step, "dtype", None)
+  if dtype is not None and np.ndim(step) == 0 and np.issubdtype(np.dtype(dtype), np.integer):
+    return int(step)
+  raise TypeError(
+      f"`step` must be an integer scalar (a Python int or an integer array of shape ());"
+      f" got {type(step).__name__} {getattr(step, 'shape', '')} {dtype or ''}.")
+
+
+def _inputs(params: PyTree, model: Any, model_state: PyTree, twin_params: PyTree) -> dict:
+  """``{params, model_state, twin_params}`` of one call (from ``model`` for NNX)."""
+  if (params is None) == (model is None):
+    raise TypeError("Pass exactly one of `params=` (a params pytree) or `model=` (an nnx.Module).")
+  if model is not None:
+    from ntk_diag import adapters
+    if model_state is not None:
+      raise TypeError("With `model=` the model state is read from the model: drop `model_state=`.")
+    _, params, model_state, _ = adapters.nnx_split(model)
+  return dict(params=params, model_state=model_state, twin_params=twin_params)
+
+
+def _is_replicated(tree: PyTree) -> bool:
+  """Whether every leaf is a pmap replica stack: one ``(1, ...)`` shard per local device."""
+  count = jax.local_device_count()
+  leaves = jax.tree.leaves(tree)
+  if count < 2 or not leaves:
+    return False
+  for leaf in leaves:
+    if not isinstance(leaf, jax.Array) or leaf.ndim == 0 or leaf.shape[0] != count:
+      return False
+    shards = leaf.addressable_shards
+    if len(shards) != count or any(shard.data.shape[0] != 1 for shard in shards):
+      return False
+  return True
+
+
+def _unreplicate(tree: PyTree, replicated: bool | None = None) -> tuple[PyTree, bool]:
+  """``(tree, replicated)`` with pmap replicas reduced to the first one.
+
+  ``replicated=None`` detects it (at start-up); later calls pass the start-up answer.
+  """
+  if tree is None:
+    return None, bool(replicated)
+  if replicated is None:
+    replicated = _is_replicated(tree)
+  if replicated:
+    tree = jax.tree.map(lambda a: a.addressable_shards[0].data.reshape(a.shape[1:]), tree)
+  return tree, replicated
+
+
+def _place(host_or_device: PyTree, like: PyTree) -> PyTree:
+  """A private copy of ``host_or_device`` on the devices and shardings of ``like``."""
+  host = jax.device_get(host_or_device)
+  return jax.tree.map(lambda h, a: jax.device_put(np.array(h, copy=True), a.sharding)
+                      if isinstance(a, jax.Array) else np.array(h, copy=True), host, like)
+
+
+def _same_values(tree: PyTree, saved: PyTree) -> bool:
+  """Bitwise equality of two trees of the same structure (host comparison)."""
+  a, b = jax.device_get((jax.tree.leaves(tree), jax.tree.leaves(saved)))
+  return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b))
+
+
+def _startup_error(error: Exception, with_model_state: bool) -> Exception:
+  """The error of an ``apply_fn`` that fails at start-up, with what to change."""
+  call = "apply_fn(params, probe_x" + (", model_state)" if with_model_state else ")")
+  text = f"{type(error).__name__}: {error}"
+  hints = []
+  lowered = text.lower()
+  if "rng" in lowered or "dropout" in lowered or "prng" in lowered:
+    hints.append("the model asks for `rngs` (random numbers, e.g. for Dropout): the hook "
+                 "evaluates it deterministically, without rngs; build apply_fn with "
+                 "nd.from_linen(model, variables, train=False) or nd.from_nnx(model) (eval "
+                 "mode), or pass deterministic=True")
+  if "mutable" in lowered or "batch_stats" in lowered:
+    hints.append("the model updates its statistics: apply it in inference mode, e.g. "
+                 "nd.from_linen(model, variables, train=False), and pass "
+                 "model_state={'batch_stats': state.batch_stats} to the hook")
+  if "argument" in lowered or "keyword" in lowered:
+    hints.append("the model may take its input as a keyword, e.g. apply_fn = "
+                 "lambda params, x: model.apply({'params': params}, inputs=x, train=False) "
+                 "(nd.from_linen does this for a keyword-only `inputs`)")
+  if with_model_state and ("positional" in lowered or "argument" in lowered):
+    hints.append("with `model_state=` the hook calls apply_fn(params, x, model_state): "
+                 "nd.from_linen and nd.from_nnx build such an apply_fn")
+  if not hints:
+    hints.append("the hook calls it in inference mode with only params"
+                 + (" and model_state" if with_model_state else "") +
+                 ": build apply_fn with nd.from_linen(model, variables, train=False) or "
+                 "nd.from_nnx(model)")
+  message = f"The hook cannot evaluate the model: {call} raised {text}. To fix: " + "; ".join(hints) + "."
+  return (TypeError if isinstance(error, TypeError) else ValueError)(message)

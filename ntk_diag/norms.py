@@ -39,6 +39,7 @@ from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _tree
 from ntk_diag import _validation
+from ntk_diag import losses
 from ntk_diag import ntk
 from ntk_diag import spectral
 
@@ -47,7 +48,7 @@ PyTree = Any
 METHODS = spectral.METHODS
 # Per-example Jacobian norms use the exact k × k Gram matrix up to this many outputs.
 GRAM_MAX_OUTPUTS = 64
-_STATIC = ("apply_fn", "stacked", "num_iters", "tol", "method", "return_vector", "batch_size")
+_STATIC = ("apply_fn", "loss", "stacked", "num_iters", "tol", "method", "return_vector", "batch_size")
 
 
 @jax.tree_util.register_dataclass
@@ -91,7 +92,8 @@ class LazyReport:
       the dtype's largest finite value when the Jacobian norm is 0.
     jacobian_norm: the :class:`NormEstimate` of :func:`jacobian_norm`.
     hessian_norm: the :class:`NormEstimate` of :func:`hessian_norm`.
-    residual_norm: ``‖f(params, x) − y‖₂`` over all ``n·k`` entries.
+    residual_norm: ``‖∇_f L(f(params, x), y)‖₂`` of the summed loss over all
+      ``n·k`` entries (``‖f(params, x) − y‖₂`` for mse).
   """
   kappa: jax.Array
   jacobian_norm: NormEstimate
@@ -185,20 +187,25 @@ def hessian_norm(apply_fn: Callable, params: PyTree, x: PyTree, *, num_iters: in
 
 
 def lazy_ratio(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
-               stacked: bool = False, num_iters: int = 100, tol: float = 1e-4,
-               method: str = "power", key: jax.Array | None = None,
+               loss: losses.LossLike = "mse", stacked: bool = False, num_iters: int = 100,
+               tol: float = 1e-4, method: str = "power", key: jax.Array | None = None,
                init: LazyReport | None = None, return_vector: bool = False,
                batch_size: int | None = None) -> LazyReport:
-  """The lazy-training ratio ``κ`` of seed eq. (3) on a probe set.
+  """The lazy-training ratio ``κ`` of Chizat et al. (2019) on a probe set.
 
-  ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(params, x) − y‖₂`` with ``‖∇f‖`` from
+  ``κ = ‖∇²f‖ / ‖∇f‖² · ‖∇_f L(f(params, x), y)‖₂`` with ``‖∇f‖`` from
   :func:`jacobian_norm` (``stacked`` applies to it only), ``‖∇²f‖`` from
-  :func:`hessian_norm` and the residual norm over all ``n·k`` entries.
+  :func:`hessian_norm`, and the residual the output gradient of the SUMMED
+  loss over all ``n·k`` entries: ``f − y`` for ``"mse"`` (the lecture's
+  ``‖f − y‖``), ``softmax(f) − y`` for ``"softmax_cross_entropy"``.
 
   Args:
     apply_fn, params, x: as in :func:`jacobian_norm`.
-    y: targets of shape ``(n, *out)``; ``(n,)`` and ``(n, 1)`` are
-      interchangeable for a single output.
+    y: targets: shaped like the outputs ``(n, *out)`` (``(n,)`` and ``(n, 1)``
+      interchangeable for one output); integer labels ``(n,)`` for
+      cross-entropy; anything with ``n`` rows for a callable loss.
+    loss: ``"mse"``, ``"softmax_cross_entropy"`` or a callable
+      ``loss(outputs, y) -> (n,)`` (see :mod:`ntk_diag.losses`).
     stacked, num_iters, tol, method, return_vector, batch_size: passed to
       both norms (``stacked`` to the Jacobian norm only).
     key: PRNG key, split between the two norms; default ``PRNGKey(0)``.
@@ -212,15 +219,18 @@ def lazy_ratio(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
   _check_common(apply_fn, params, x, num_iters=num_iters, tol=tol, method=method, key=key,
                 return_vector=return_vector, batch_size=batch_size)
   _check_bool("stacked", stacked)
+  losses.check_loss("loss", loss)
   n = _validation.leading_size("x", x)
   out_shape = _model.example_output_shape(apply_fn, params, x)
-  _validation.check_float_array("y", y)
-  _validation.check_targets("y", y, (n,) + out_shape)
+  if not callable(loss):
+    _validation.check_float_array("y", y)
+  losses.check_targets("y", y, loss, (n,) + out_shape)
   if init is not None and not isinstance(init, LazyReport):
     raise TypeError(
         f"`init` must be a LazyReport from a previous lazy_ratio call; got {type(init).__name__}.")
-  return _lazy_ratio_jit(apply_fn, params, x, y, key=key, init=init, stacked=bool(stacked),
-                         num_iters=num_iters, tol=tol, method=method,
+  y = losses.prepare_targets(loss, y, (n,) + out_shape)
+  return _lazy_ratio_jit(apply_fn, params, x, y, key=key, init=init, loss=loss,
+                         stacked=bool(stacked), num_iters=num_iters, tol=tol, method=method,
                          return_vector=bool(return_vector), batch_size=batch_size)
 
 
@@ -389,11 +399,12 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
 
 def lazy_ratio_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
                     key: jax.Array | None = None, init: LazyReport | None = None,
-                    stacked: bool = False, num_iters: int = 100, tol: float = 1e-4,
-                    method: str = "power", return_vector: bool = False,
-                    batch_size: int | None = None) -> LazyReport:
+                    loss: losses.LossLike = "mse", stacked: bool = False,
+                    num_iters: int = 100, tol: float = 1e-4, method: str = "power",
+                    return_vector: bool = False, batch_size: int | None = None) -> LazyReport:
   """:func:`lazy_ratio` without argument checks; traceable (``jit``-able).
 
+  ``y`` is prepared for ``loss`` (:func:`ntk_diag.losses.prepare_targets`);
   ``init`` is a previous :class:`LazyReport` (or ``None``).
   """
   key_j, key_h = jax.random.split(_default_key(key))
@@ -403,31 +414,41 @@ def lazy_ratio_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array,
                            init=None if init is None else init.jacobian_norm.vector, **options)
   hess = hessian_norm_core(apply_fn, params, x, key=key_h,
                            init=None if init is None else init.hessian_norm.vector, **options)
-  outputs = _model.batched(apply_fn)(params, x)
-  residual = outputs - jnp.asarray(y, outputs.dtype).reshape(outputs.shape)
-  residual_norm = jnp.linalg.norm(residual.reshape(-1))
+  outputs = apply_fn(params, x)
+  if not callable(loss):
+    y = y.reshape(outputs.shape)
+  residual_norm = losses.residual_norm(loss, outputs, y)
   return LazyReport(kappa=kappa(hess.value, jac.value, residual_norm), jacobian_norm=jac,
                     hessian_norm=hess, residual_norm=residual_norm)
 
 
 def kappa(hessian_norm: jax.Array, jacobian_norm: jax.Array,
           residual_norm: jax.Array) -> jax.Array:
-  """Seed eq. (3): ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f − y‖``.
+  """The lazy-training ratio of Chizat et al. (2019): ``κ = ‖∇²f‖ / ‖∇f‖² · ‖∇_f L‖``.
 
   0 when the numerator is 0; the dtype's largest finite value when only the
   Jacobian norm is 0; NaN when any input is NaN (a diverged run stays visible).
   """
-  numerator = hessian_norm * residual_norm
-  denominator = jacobian_norm ** 2
+  return saturating_div(hessian_norm * residual_norm, jacobian_norm ** 2)
+
+
+def saturating_div(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """``numerator / denominator`` for non-negative values, finite by construction.
+
+  0 when the numerator is 0; the dtype's largest finite value when only the
+  denominator is 0 (or the ratio overflows); NaN when either input is NaN.
+  """
+  numerator = jnp.asarray(numerator)
   big = jnp.finfo(jnp.result_type(numerator)).max
   ratio = jnp.minimum(numerator / jnp.where(denominator > 0, denominator, 1.0), big)
   value = jnp.where(numerator == 0, 0.0, jnp.where(denominator > 0, ratio, big))
   return jnp.where(jnp.isnan(numerator) | jnp.isnan(denominator), jnp.nan, value)
 
 
-_jacobian_norm_jit = jax.jit(jacobian_norm_core, static_argnames=_STATIC)
+_jacobian_norm_jit = jax.jit(jacobian_norm_core, static_argnames=tuple(
+    name for name in _STATIC if name != "loss"))
 _hessian_norm_jit = jax.jit(hessian_norm_core, static_argnames=tuple(
-    name for name in _STATIC if name != "stacked"))
+    name for name in _STATIC if name not in ("stacked", "loss")))
 _lazy_ratio_jit = jax.jit(lazy_ratio_core, static_argnames=_STATIC)
 
 

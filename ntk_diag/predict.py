@@ -1,11 +1,14 @@
-"""Kernel predictor: the linearized network trained by gradient flow, in closed form.
+"""Kernel predictor: the linearized network trained by gradient flow.
 
-The formulas, the time convention and the loss convention are stated once, in
-the docstring of :func:`kernel_predictor`.
+In closed form for the squared loss; for any other differentiable loss by
+integrating the kernel gradient flow in function space with diffrax. The
+formulas, the time convention and the loss convention are stated once, in the
+docstring of :func:`kernel_predictor`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Callable
@@ -18,13 +21,16 @@ from jax import lax
 
 from ntk_diag import _layout
 from ntk_diag import _validation
+from ntk_diag import losses
 
 _HIGHEST = lax.Precision.HIGHEST
 
 
 def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
-                     learning_rate: float = 1.0, ridge: float = 0.0) -> Callable[..., jax.Array]:
-  """Closed-form predictions of the linearized network under gradient flow.
+                     learning_rate: float = 1.0, ridge: float = 0.0,
+                     loss: losses.LossLike = "mse", rtol: float = 1e-5, atol: float = 1e-5,
+                     max_steps: int = 16384) -> Callable[..., jax.Array]:
+  """Predictions of the linearized network under gradient flow.
 
   For the linearized network ``f_lin(θ, x) = f(θ0, x) + J_x(θ0)(θ − θ0)`` and
   the SUM-of-squares loss ``L(θ) = ½‖f(X) − y‖²`` over all training entries,
@@ -45,7 +51,22 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
   ``optax.l2_loss(f, y).mean()`` up to its factor) has ``1/N`` times the
   gradient of the sum loss, so pass ``learning_rate = lr / N``.
 
-  Two kernel layouts are accepted:
+  Other losses (``loss="softmax_cross_entropy"`` or a callable, see
+  :mod:`ntk_diag.losses`): the linearized network's outputs follow the kernel
+  gradient flow of the SUMMED loss ``L(f) = Σ_i ℓ(f_i, y_i)``,
+
+  * train: ``df_t(X)/dt = −η K ∇_f L(f_t(X))``,
+  * test: ``f_t(x) = f0(x) − η ∫_0^t K_xX ∇_f L(f_s(X)) ds``,
+
+  which ``predict`` integrates over ``s = η·t ∈ [0, η·t]`` (the test outputs
+  ride along in the ODE state) with diffrax's adaptive ``Tsit5`` (``rtol``,
+  ``atol``, at most ``max_steps`` steps). Only finite ``t``: cross-entropy
+  has no ``t = ∞`` limit (logits grow without bound on separable data). The
+  kernel must be the full ``(n, n, k, k)`` one (outputs are coupled through
+  the loss); a 2-D kernel is accepted only for ``k = 1`` (there it is the full
+  kernel). The time and loss conventions are those of the squared loss below.
+
+  Two kernel layouts are accepted for ``loss="mse"``:
 
   * full: ``k_train_train`` of shape ``(n, n, k, k)`` (``empirical_ntk``'s
     default), with ``y_train`` of shape ``(n, *out)``, ``prod(out) = k``. The
@@ -73,6 +94,14 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
       regularises the ``t=None`` solve of ill-conditioned kernels; it also
       damps the dynamics (``e^{−ηt(K + λI)}``), so keep ``η·t·λ ≪ 1`` to stay
       close to the unregularised flow at finite ``t``.
+    loss: ``"mse"`` (closed form), ``"softmax_cross_entropy"`` (``y_train``
+      one-hot ``(n, k)`` or integer labels ``(n,)``) or a callable
+      ``loss(outputs, y) -> (n,)`` of per-example losses, which receives
+      outputs of shape ``(n, *out)`` (``out = y_train.shape[1:]`` when
+      ``prod(out) = k``, else ``(k,)``).
+    rtol, atol: tolerances of the adaptive ODE solver (other losses only).
+    max_steps: step budget of the ODE solver; ``predict`` raises
+      ``ValueError`` when it runs out (a long, stiff flow: large ``η·t·λ_max``).
 
   Returns:
     The function ``predict(t=None, f0_train=0., f0_test=0., k_test_train=None)``
@@ -97,6 +126,13 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
   _validation.check_float_array("y_train", y_train)
   _validation.check_positive_number("learning_rate", learning_rate)
   _validation.check_nonnegative_number("ridge", ridge)
+  losses.check_loss("loss", loss)
+  if not (isinstance(loss, str) and loss == "mse"):
+    _validation.check_positive_number("rtol", rtol)
+    _validation.check_positive_number("atol", atol)
+    _validation.check_positive_int("max_steps", max_steps)
+    return _flow_predictor(k_train_train, y_train, learning_rate=learning_rate, ridge=ridge,
+                           loss=loss, rtol=rtol, atol=atol, max_steps=max_steps)
   kernel = jnp.asarray(k_train_train)
   y = jnp.asarray(y_train)
   full = _check_train_shapes(kernel.shape, y.shape)
@@ -152,6 +188,132 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
     return f0_te + _flow_test(evals, evecs, residual, eta_t, kx).reshape(f0_te.shape)
 
   return predict
+
+
+def _flow_predictor(k_train_train, y_train, *, learning_rate, ridge, loss, rtol, atol,
+                    max_steps) -> Callable[..., jax.Array]:
+  """``predict`` integrating the kernel gradient flow of a non-squared loss."""
+  kernel = jnp.asarray(k_train_train)
+  y = jnp.asarray(y_train)
+  out_shape = _flow_output_shape(kernel.shape, y, loss)
+  n = kernel.shape[0]
+  losses.check_targets("y_train", y, loss, (n,) + out_shape)
+  targets = losses.prepare_targets(loss, y, (n,) + out_shape)
+  dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+  matrix = _layout.kernel_to_matrix(kernel.astype(dtype))
+  spectrum = _check_spectrum(matrix, float(ridge), dtype)
+  matrix = 0.5 * (matrix + matrix.T) + ridge * jnp.eye(matrix.shape[0], dtype=dtype)
+  if jnp.issubdtype(targets.dtype, jnp.floating):
+    targets = targets.astype(dtype)
+  options = dict(loss=loss, out_shape=out_shape, rtol=float(rtol), atol=float(atol),
+                 max_steps=int(max_steps))
+
+  def predict(t: float | jax.Array, f0_train: Any = 0.0, f0_test: Any = 0.0,
+              k_test_train: jax.Array | None = None) -> jax.Array:
+    if _check_time(t) is None:
+      raise ValueError(
+          f"`t` must be finite for loss={_loss_name(loss)}: its kernel gradient flow has no"
+          " closed-form t = ∞ limit (cross-entropy logits grow without bound on separable"
+          " data); pass the training time, e.g. the number of steps.")
+    f0_tr = _outputs("f0_train", f0_train, (n,) + out_shape, dtype)
+    kx, f0_te = None, None
+    if k_test_train is None:
+      if np.ndim(f0_test) != 0:
+        raise ValueError(
+            "`f0_test` was given but `k_test_train` is None: pass the test-train"
+            " kernel to get test predictions.")
+    else:
+      kx = _test_matrix(k_test_train, kernel.shape, dtype)
+      m = k_test_train.shape[0]
+      f0_te = _outputs("f0_test", f0_test, (m,) + out_shape, dtype)
+    span = jnp.asarray(learning_rate * t, dtype)
+    f_train, f_test, ok = _solve_flow(matrix, kx, targets, f0_tr, f0_te, span, **options)
+    if spectrum is not None and not _concrete_bool(ok, default=True):
+      raise ValueError(
+          f"The ODE solver of the kernel gradient flow (loss={_loss_name(loss)}) used up"
+          f" max_steps={max_steps} before t = {t}: the flow is stiff over this span"
+          f" (η·t·λ_max = {float(span) * spectrum['lam_max']:.3g}). Pass a larger"
+          " `max_steps` to kernel_predictor, or looser rtol/atol.")
+    return f_train if k_test_train is None else f_test
+
+  return predict
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "out_shape", "rtol", "atol", "max_steps"))
+def _solve_flow(matrix, kx, targets, f0_train, f0_test, span, *, loss, out_shape, rtol, atol,
+                max_steps):
+  """``(f_train, f_test, ok)`` at ``s = span`` of ``df/ds = −K ∇_f L(f)``.
+
+  Unsuccessful solves (``ok = False``) return NaN outputs.
+  """
+  import diffrax  # imported on first use: ~1 s, and only this path needs it
+
+  n = targets.shape[0]
+
+  def gradient(f_flat):
+    f = f_flat.reshape((n,) + out_shape)
+    return losses.output_gradient(loss, f, targets).reshape(-1)
+
+  def vector_field(s, state, args):
+    g = gradient(state[0])
+    d_train = -jnp.matmul(matrix, g, precision=_HIGHEST)
+    d_test = None if state[1] is None else -jnp.matmul(args, g, precision=_HIGHEST)
+    return d_train, d_test
+
+  state0 = (f0_train.reshape(-1), None if f0_test is None else f0_test.reshape(-1))
+  solution = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=jnp.zeros_like(span), t1=span,
+      dt0=None, y0=state0, args=kx, saveat=diffrax.SaveAt(t1=True),
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+      max_steps=max_steps, throw=False)
+  ok = solution.result == diffrax.RESULTS.successful
+  f_train, f_test = solution.ys
+  f_train = jnp.where(ok, f_train[0], jnp.nan).reshape(f0_train.shape)
+  if f_test is not None:
+    f_test = jnp.where(ok, f_test[0], jnp.nan).reshape(f0_test.shape)
+  return f_train, f_test, ok
+
+
+def _flow_output_shape(k_shape: tuple[int, ...], y: jax.Array, loss: Any) -> tuple[int, ...]:
+  """Per-example output shape ``out`` of the flow; validates the kernel layout."""
+  if len(k_shape) not in (2, 4) or k_shape[0] != k_shape[1] or (
+      len(k_shape) == 4 and k_shape[2] != k_shape[3]):
+    raise ValueError(
+        "`k_train_train` must be square, 2-D (n, n) or 4-D (n, n, k, k); got shape"
+        f" {tuple(k_shape)}.")
+  n = k_shape[0]
+  if y.ndim == 0 or y.shape[0] != n:
+    raise ValueError(
+        f"`y_train` must have n = {n} rows to match `k_train_train` of shape"
+        f" {tuple(k_shape)}; got shape {tuple(y.shape)}.")
+  k = k_shape[2] if len(k_shape) == 4 else 1
+  labels = y.ndim == 1 and jnp.issubdtype(y.dtype, jnp.integer)
+  out = tuple(y.shape[1:]) if math.prod(y.shape[1:]) == k and not (labels and k > 1) else (k,)
+  if loss == "softmax_cross_entropy" and (len(k_shape) == 2 or k < 2):
+    raise ValueError(
+        "loss='softmax_cross_entropy' needs the full (n, n, k, k) kernel of k >= 2 logits"
+        " (empirical_ntk's default, trace_outputs=False): the softmax couples the outputs,"
+        f" so a per-output kernel does not determine the flow; got shape {tuple(k_shape)}."
+        " For the kernel K ⊗ I of a per-output (n, n) kernel K pass"
+        " K[:, :, None, None] * jnp.eye(k).")
+  if len(k_shape) == 2 and math.prod(y.shape[1:]) != 1:
+    raise ValueError(
+        f"A 2-D `k_train_train` is the full kernel only for one output per example; for"
+        f" `y_train` of shape {tuple(y.shape)} and loss={_loss_name(loss)} pass the full"
+        " (n, n, k, k) kernel (or K[:, :, None, None] * jnp.eye(k) for K ⊗ I).")
+  return out
+
+
+def _concrete_bool(value: jax.Array, *, default: bool) -> bool:
+  """``bool(value)``, or ``default`` when ``value`` is traced."""
+  try:
+    return bool(value)
+  except jax.errors.ConcretizationTypeError:
+    return default
+
+
+def _loss_name(loss: Any) -> str:
+  return repr(loss) if isinstance(loss, str) else getattr(loss, "__name__", "<callable>")
 
 
 def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,58 +1,74 @@
-"""One diagnostics snapshot: every quantity the hook logs, in one jitted function.
+"""One diagnostics snapshot: every quantity the hook logs, in one pure jitted function.
 
-Pure JAX (no TensorFlow, no writer): :class:`SnapshotEngine` holds θ0, the
-probe set and the NTK at θ0 and compiles :meth:`SnapshotEngine.run` once per
-parameter structure. The hook (:mod:`ntk_diag.hooks`) only schedules and writes.
+Pure JAX (no TensorFlow, no writer). :class:`DiagState` is the snapshot's
+state, a pytree in the manner of Flax's ``TrainState`` (θ0, its model state,
+the probe set, f(θ0), K0, the previous kernel and step, warm-start vectors);
+:func:`snapshot` maps ``(state, params, ...)`` to ``(state, metrics)``; every
+static choice (model, loss, groups, cost options) is in :class:`SnapshotSpec`.
+:class:`Snapshotter` compiles it once, ahead of time, for the shardings of
+the first call, and places later arguments on those shardings, so a run
+compiles exactly once. The hook (:mod:`ntk_diag.hooks`) schedules and writes.
 
-Scalars (tags ``ntk_diag/<name>``):
+The first call of a run is made at θ0 (``state.initialized`` false): it fills
+``f0``, ``K0`` (unless restored), the lazy radius and the warm starts, and is
+a regular snapshot at θ0.
 
-* always: ``residual_norm = ‖f(θ, X) − Y‖₂``, ``weight_change = ‖θ − θ0‖ / ‖θ0‖``
-  and ``weight_change/<layer>`` per top-level parameter group, ``nonfinite``.
+Scalars (tags ``ntk_diag/<name>``), with ``X`` the probe set and ``X_m`` its
+first ``m = norm_examples`` points:
+
+* always: ``residual_norm = ‖∇_f L(f(θ, X_m), Y_m)‖₂`` of the summed loss
+  (``‖f − y‖`` for mse), ``weight_change = ‖θ − θ0‖ / ‖θ0‖`` and
+  ``weight_change/<layer>`` per top-level parameter group, ``nonfinite``.
 * NTK group: ``ntk_trace``, ``ntk_eig_max``, ``ntk_eig_min``,
   ``ntk_condition_number``, ``kernel_drift``, ``kernel_distance``,
-  ``kernel_alignment`` (see :func:`ntk_diag.kernel_stats`) and
+  ``kernel_alignment`` (see :func:`ntk_diag.kernel_stats`) on ``X`` and
   ``kernel_velocity = ‖K_t − K_prev‖_F / (‖K0‖_F · Δstep)`` between snapshots.
-* norms group: ``jacobian_norm``, ``hessian_norm``, ``kappa`` (seed eq. 3).
-* twin group: ``twin_gap = ‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖`` (0 when
-  ``f(θ) = f(θ0)``).
+* NTK group with ``infinite``: ``kernel_distance_infinite``, the relative
+  Frobenius distance of the per-output NTK from the infinite-width one.
+* norms group, on ``X_m``: ``jacobian_norm``, ``hessian_norm``, ``kappa``
+  (Chizat et al. 2019), ``lazy_radius = σ_min(J_{X_m}(θ0)) / (2‖∇²f(θ0)‖)``
+  (the lecture's radius ``B = σ_min/2γ``),
+  ``lazy_radius_ratio = ‖θ − θ0‖ / lazy_radius``; and on all of ``X``,
+  ``sharpness`` (the top eigenvalue of the Hessian of the mean loss) and,
+  with a learning rate, ``sharpness_lr = η · sharpness``.
+* twin group: ``twin_gap = ‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖`` on ``X``
+  (0 when ``f(θ) = f(θ0)``); with the lockstep twin's ``θ̃``,
+  ``twin_distance`` and ``twin_param_distance`` (:func:`ntk_diag.twin.twin_distances`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ntk_diag import _layout
 from ntk_diag import _model
 from ntk_diag import _tree
 from ntk_diag import _validation
+from ntk_diag import losses
 from ntk_diag import norms
 from ntk_diag import ntk
+from ntk_diag import radius
+from ntk_diag import sharpness
+from ntk_diag import twin
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.kernel_stats import safe_div
 from ntk_diag.linearize import linearize
 
 PyTree = Any
 
-
-@dataclasses.dataclass(frozen=True)
-class Groups:
-  """Which groups of diagnostics a snapshot computes."""
-  ntk: bool = True
-  norms: bool = True
-  twin: bool = True
+DEFAULT_NORM_EXAMPLES = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotConfig:
   """Cost and method options of a snapshot.
-
-  The defaults keep one snapshot of a ~300k-parameter MLP on 256 probe points
-  well under a second on 2 CPU cores.
 
   Attributes:
     ntk_method: ``method`` of :func:`ntk_diag.empirical_ntk`.
@@ -64,14 +80,9 @@ class SnapshotConfig:
       Lanczos adds ``O(m·P)`` reorthogonalisation) or ``"lanczos"``.
     num_iters: iteration cap of the norm estimators.
     tol: relative tolerance of the norm estimators.
-    jacobian_examples: probe examples (the first ones) over which
-      ``sup_x ‖J_x‖`` is taken; ``None`` = all.
-    hessian_examples: probe examples (the first ones) over which
-      ``sup_x ‖∇²f(x)‖`` is taken; ``None`` = all. The Hessian costs
-      ``k · num_iters`` Hessian-vector products per example.
     hessian_screen_iters: with warm starts, screen then refine the Hessian
       norm (``screen_iters`` of :func:`ntk_diag.norms.hessian_norm_core`):
-      this many iterations on each of the ``hessian_examples · k``
+      this many iterations on each of the ``norm_examples · k``
       eigenproblems from the previous snapshot's vectors, then up to
       ``num_iters`` more only on the largest one and on those that ranked
       above it in the previous snapshot (usually one problem). The first
@@ -80,7 +91,7 @@ class SnapshotConfig:
       ``None``: no screen, ``num_iters`` on every problem.
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
-      when they fit in this many bytes (``hessian_examples · k`` parameter-sized
+      when they fit in this many bytes (``norm_examples · k`` parameter-sized
       vectors); otherwise every snapshot starts cold.
   """
   ntk_method: str = "auto"
@@ -89,8 +100,6 @@ class SnapshotConfig:
   norm_method: str = "power"
   num_iters: int = 20
   tol: float = 1e-3
-  jacobian_examples: int | None = None
-  hessian_examples: int | None = 4
   hessian_screen_iters: int | None = 3
   seed: int = 0
   warm_start_bytes: int = 256 * 2**20
@@ -101,18 +110,134 @@ class SnapshotConfig:
     _validation.check_positive_int("ntk_batch_size", self.ntk_batch_size, optional=True)
     _validation.check_positive_int("num_iters", self.num_iters)
     _validation.check_positive_number("tol", self.tol)
-    _validation.check_positive_int("jacobian_examples", self.jacobian_examples, optional=True)
-    _validation.check_positive_int("hessian_examples", self.hessian_examples, optional=True)
     _validation.check_positive_int("hessian_screen_iters", self.hessian_screen_iters,
                                    optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class EngineResult:
-  scalars: dict[str, float]
-  eigenvalues: np.ndarray | None
-  kernel: np.ndarray | None
-  finite: bool
+class SnapshotSpec:
+  """Everything static about a run's snapshots (hashable: a jit static argument).
+
+  Attributes:
+    apply_fn: ``apply_fn(params, x)``, or ``apply_fn(params, x, model_state)``
+      when ``with_model_state``.
+    with_model_state: whether the model takes a model state.
+    config: cost and method options.
+    loss: the loss of :mod:`ntk_diag.losses` (``residual_norm`` is its output gradient).
+    norm_examples: probe points (the first ones) of the norm group, ≥ 1.
+    compute_ntk, compute_norms, compute_twin: which groups are computed.
+    alignment: whether ``kernel_alignment`` is defined (targets shaped like outputs).
+    warm_start: whether the norm solvers keep their vectors between snapshots.
+    learning_rate: ``η`` of ``sharpness_lr = η · sharpness`` (``None``: not logged).
+    infinite: a network of :mod:`ntk_diag.infinite` (``None``: no
+      ``kernel_distance_infinite``).
+  """
+  apply_fn: Callable
+  with_model_state: bool
+  config: SnapshotConfig
+  loss: Any = "mse"
+  norm_examples: int = DEFAULT_NORM_EXAMPLES
+  compute_ntk: bool = True
+  compute_norms: bool = True
+  compute_twin: bool = True
+  alignment: bool = True
+  warm_start: bool = True
+  learning_rate: float | None = None
+  infinite: Any = None
+
+  def model(self, model_state: PyTree) -> Callable[[PyTree, PyTree], jax.Array]:
+    """``f(params, x)`` of the model with ``model_state`` held fixed."""
+    return _model.bind_model_state(self.apply_fn, model_state if self.with_model_state else None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiagState:
+  """The snapshot's state, a pytree (``None`` fields are absent groups).
+
+  Attributes:
+    theta0: the initial parameters θ0.
+    model_state0: θ0's model state (``None`` if the model has none).
+    probe_x: probe inputs ``X`` (``n`` examples).
+    probe_y: probe targets, prepared for the loss (integer labels one-hot).
+    initialized: false until the first snapshot (at θ0) filled the fields below.
+    f0: ``f(θ0, X)``.
+    kernel0_restored: whether ``kernel0`` was restored from a checkpoint (the
+      first snapshot keeps it instead of computing it).
+    kernel0: the NTK at θ0 on ``X`` (NTK group).
+    prev_kernel: the NTK of the last finite snapshot (NTK group).
+    prev_step: the step of the last finite snapshot (or of θ0).
+    jacobian_vectors, hessian_vectors, hessian_values, sharpness_vector: warm
+      starts of the norm solvers (``None`` when cold or not needed).
+    lazy_radius: ``σ_min(J_{X_m}(θ0)) / (2‖∇²f(θ0)‖)`` (norms group).
+    infinite_kernel: the infinite-width NTK on ``X``, per output (with ``infinite``).
+  """
+  theta0: PyTree
+  model_state0: PyTree
+  probe_x: PyTree
+  probe_y: jax.Array
+  initialized: jax.Array
+  f0: jax.Array
+  kernel0_restored: jax.Array
+  kernel0: jax.Array | None
+  prev_kernel: jax.Array | None
+  prev_step: jax.Array
+  jacobian_vectors: PyTree
+  hessian_vectors: PyTree
+  hessian_values: jax.Array | None
+  sharpness_vector: PyTree
+  lazy_radius: jax.Array | None
+  infinite_kernel: jax.Array | None
+
+
+def norm_examples_count(n: int, norm_examples: int | None) -> int:
+  return min(n, norm_examples or n)
+
+
+def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, probe_x: PyTree,
+                  probe_y: Any, *, step: int, kernel0: Any = None) -> DiagState:
+  """The state before the first snapshot; built from host values (no compilation).
+
+  ``probe_y`` must already be prepared (:func:`ntk_diag.losses.prepare_targets`).
+  ``kernel0`` is a restored K0 (the first snapshot then keeps it).
+  """
+  n = _validation.leading_size("probe_x", probe_x)
+  out_shape = _model.example_output_shape(spec.model(model_state0), theta0, probe_x)
+  dtype = _model.param_dtype(theta0)
+  k = _model.num_outputs(out_shape)
+  m = spec.norm_examples
+  zeros = lambda shape: np.zeros(shape, dtype)
+  traced = spec.config.ntk_trace_outputs or out_shape == ()
+  kernel_placeholder = None
+  if spec.compute_ntk:
+    kernel_placeholder = (zeros((n, n) if traced else (n, n, k, k)) if kernel0 is None
+                          else np.asarray(kernel0, dtype))
+  jac_vectors = hess_vectors = hess_values = sharpness_vector = None
+  if spec.compute_norms and spec.warm_start:
+    random = np.random.default_rng(spec.config.seed + 1)
+    batched = lambda shape: jax.tree.map(
+        lambda p: random.standard_normal(shape + np.shape(p)).astype(p.dtype), theta0)
+    if k > norms.GRAM_MAX_OUTPUTS:
+      jac_vectors = batched((m,))
+    hess_vectors = batched((m, k))
+    hess_values = np.full((m, k), np.inf, dtype)
+    sharpness_vector = batched(())
+  return DiagState(
+      theta0=theta0, model_state0=model_state0, probe_x=probe_x, probe_y=probe_y,
+      initialized=np.asarray(False), f0=zeros((n,) + out_shape),
+      kernel0_restored=np.asarray(kernel0 is not None), kernel0=kernel_placeholder,
+      prev_kernel=kernel_placeholder, prev_step=np.asarray(step, np.int32),
+      jacobian_vectors=jac_vectors, hessian_vectors=hess_vectors, hessian_values=hess_values,
+      sharpness_vector=sharpness_vector,
+      lazy_radius=np.asarray(np.nan, dtype) if spec.compute_norms else None,
+      infinite_kernel=None if spec.infinite is None else zeros((n, n)))
+
+
+def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int) -> bool:
+  """Whether the warm-start vectors (``norm_examples · k + 1`` parameter-sized) fit the budget."""
+  per_vector = _tree.tree_size(theta0) * jnp.dtype(_model.param_dtype(theta0)).itemsize
+  count = norm_examples * k + (norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0) + 1
+  return count * per_vector <= budget_bytes
 
 
 def layer_groups(params: PyTree) -> list[str]:
@@ -133,121 +258,160 @@ def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
   return out
 
 
-class SnapshotEngine:
-  """θ0, the probe set, K0, and the compiled snapshot function."""
+def _kernel(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree, *,
+            trace_outputs: bool) -> jax.Array:
+  cfg = spec.config
+  return ntk.empirical_ntk(f, params, x, trace_outputs=trace_outputs, method=cfg.ntk_method,
+                           batch_size=cfg.ntk_batch_size)
 
-  def __init__(self, apply_fn: Callable, theta0: PyTree, probe_x: PyTree, probe_y: Any, *,
-               kernel0: Any, step0: int = 0, groups: Groups, config: SnapshotConfig):
-    self.apply_fn = apply_fn
-    self.groups = groups
-    self.config = config
-    # Private device copies: the training step may donate the caller's buffers.
-    self.theta0 = jax.tree.map(lambda a: jnp.array(a, copy=True), theta0)
-    self.probe_x = jax.tree.map(jnp.asarray, probe_x)
-    n = _validation.leading_size("probe_x", self.probe_x)
-    out_shape = _model.example_output_shape(apply_fn, self.theta0, self.probe_x)
-    _validation.check_targets("probe_y", probe_y, (n,) + out_shape)
-    self.probe_y = jnp.asarray(probe_y).reshape((n,) + out_shape)
-    self.f0 = jax.jit(apply_fn)(self.theta0, self.probe_x)
-    self._compute = jax.jit(self._snapshot)
-    self.kernel0 = None
-    if groups.ntk:
-      self.kernel0 = (jnp.asarray(kernel0) if kernel0 is not None
-                      else self._kernel(self.theta0, self.probe_x))
-    self._prev_kernel = self.kernel0
-    # Velocity of the first snapshot (also after a resume) is measured from θ0.
-    self._prev_step = step0
-    self._norm_examples = (min(n, config.jacobian_examples or n), min(n, config.hessian_examples or n))
-    self._warm = self._initial_vectors(out_shape) if groups.norms else None
 
-  def _initial_vectors(self, out_shape: tuple[int, ...]):
-    """``(jacobian, hessian, hessian_values)``: random start vectors shaped
-    like the solvers' outputs, so that every snapshot (the first included)
-    passes the same structure to the compiled function, and ``(n_hess, k)``
-    per-problem Hessian norms, ``inf`` until a snapshot computes them (so the
-    first snapshot refines every problem; see ``hessian_screen_iters``);
-    ``None`` (cold starts) if the vectors would exceed ``warm_start_bytes``."""
-    k = _model.num_outputs(out_shape)
-    n_jac, n_hess = self._norm_examples
-    iterative_jacobian = k > norms.GRAM_MAX_OUTPUTS
-    per_vector = _tree.tree_size(self.theta0) * jnp.dtype(_model.param_dtype(self.theta0)).itemsize
-    count = n_hess * k + (n_jac if iterative_jacobian else 0)
-    if count * per_vector > self.config.warm_start_bytes:
-      return None
-    key_jac, key_hess = jax.random.split(jax.random.key(self.config.seed + 1))
-    batched = lambda key, shape: _tree.tree_random_normal_like(
-        key, jax.tree.map(lambda p: jax.ShapeDtypeStruct(shape + p.shape, p.dtype), self.theta0))
-    jac = batched(key_jac, (n_jac,)) if iterative_jacobian else None
-    hess_values = jnp.full((n_hess, k), jnp.inf, _model.param_dtype(self.theta0))
-    return (jac, batched(key_hess, (n_hess, k)), hess_values)
+def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree,
+             step: jax.Array, twin_params: PyTree, has_twin: jax.Array
+             ) -> tuple[DiagState, dict[str, jax.Array]]:
+  """One snapshot at ``params`` (with ``model_state``) at ``step``: ``(state, metrics)``.
 
-  def _kernel(self, params: PyTree, x: PyTree) -> jax.Array:
-    return ntk.empirical_ntk(self.apply_fn, params, x, trace_outputs=self.config.ntk_trace_outputs,
-                             method=self.config.ntk_method, batch_size=self.config.ntk_batch_size)
+  ``twin_params`` are the lockstep twin's parameters θ̃ when ``has_twin``
+  (anything of params' structure otherwise). ``metrics`` maps tag names to
+  scalars, plus ``"eigenvalues"`` (NTK group). A non-finite snapshot leaves the
+  references of the next one (previous kernel and step, warm starts) as they were.
+  """
+  cfg = spec.config
+  init = ~state.initialized
+  f = spec.model(model_state)
+  x, y = state.probe_x, state.probe_y
+  n = y.shape[0]
+  m = spec.norm_examples
+  outputs = f(params, x)
+  f0 = jnp.where(init, outputs, state.f0)
+  x_m = _model.take(x, jnp.arange(m))
+  y_m = y[:m]
+  metrics = {"residual_norm": losses.residual_norm(spec.loss, outputs[:m], y_m)}
+  metrics.update(weight_change(params, state.theta0))
+  updates: dict[str, Any] = {"f0": f0, "initialized": jnp.ones((), bool)}
 
-  def run(self, params: PyTree, step: int) -> EngineResult:
-    """Computes one snapshot at ``params`` (one compiled call, then host transfer).
+  if spec.compute_ntk:
+    kernel = _kernel(spec, f, params, x, trace_outputs=cfg.ntk_trace_outputs)
+    kernel0 = jnp.where(init & ~state.kernel0_restored, kernel, state.kernel0)
+    prev_kernel = jnp.where(init, kernel0, state.prev_kernel)
+    prev_step = jnp.where(init, step, state.prev_step)
+    targets = y.reshape(n, -1) if spec.alignment else None
+    stats = kernel_stats(kernel, K0=kernel0, y=targets, top_k=_layout.matrix_size(kernel))
+    for name in ("trace", "eig_max", "eig_min", "condition_number"):
+      metrics[f"ntk_{name}"] = stats[name]
+    for name in ("kernel_drift", "kernel_distance", "kernel_alignment"):
+      if name in stats:
+        metrics[name] = stats[name]
+    step_delta = jnp.maximum(step - prev_step, 1).astype(kernel.dtype)
+    metrics["kernel_velocity"] = safe_div(
+        jnp.linalg.norm((kernel - prev_kernel).reshape(-1)),
+        jnp.linalg.norm(kernel0.reshape(-1)) * step_delta)
+    metrics["eigenvalues"] = stats["eigenvalues"]
+    updates.update(kernel0=kernel0, prev_kernel=kernel)
+    if spec.infinite is not None:
+      from ntk_diag import infinite  # local: only runs that compare with the limit need it
+      k = f0[0].size
+      per_output = (kernel if kernel.ndim == 2 else jnp.einsum("ijaa->ij", kernel)) / k
+      kernel_inf = lax.cond(init, lambda: infinite.kernels(spec.infinite, x)[1].astype(kernel.dtype),
+                            lambda: state.infinite_kernel)
+      metrics["kernel_distance_infinite"] = infinite.relative_distance(per_output, kernel_inf)
+      updates["infinite_kernel"] = kernel_inf
 
-    A non-finite snapshot is reported but does not become the reference of the
-    next one (kernel velocity, warm starts), so training that recovers gets
-    finite diagnostics again.
-    """
-    step_delta = float(max(step - self._prev_step, 1))
-    scalars, extras, vectors = self._compute(
-        params, self.theta0, self.f0, self.kernel0, self._prev_kernel, jnp.float32(step_delta),
-        self.probe_x, self.probe_y, self._warm)
-    kernel = extras.get("kernel")
-    scalars, extras = jax.device_get((scalars, extras))
-    scalars = {name: float(value) for name, value in scalars.items()}
-    finite = all(np.isfinite(v) for v in scalars.values())
-    scalars["nonfinite"] = 0.0 if finite else 1.0
-    if finite:
-      self._prev_kernel = kernel if self.groups.ntk else None
-      self._warm = vectors if vectors is not None else self._warm  # stays on device
-      self._prev_step = step
-    return EngineResult(scalars=scalars, eigenvalues=extras.get("eigenvalues"),
-                        kernel=extras.get("kernel"), finite=finite)
+  if spec.compute_norms:
+    options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
+                   return_vector=spec.warm_start)
+    key_jac, key_hess = jax.random.split(jax.random.key(cfg.seed))
+    jac = norms.jacobian_norm_core(f, params, x_m, key=key_jac, init=state.jacobian_vectors,
+                                   **options)
+    hess = norms.hessian_norm_core(f, params, x_m, key=key_hess, init=state.hessian_vectors,
+                                   screen_iters=cfg.hessian_screen_iters,
+                                   init_values=state.hessian_values, **options)
+    metrics["jacobian_norm"] = jac.value
+    metrics["hessian_norm"] = hess.value
+    metrics["kappa"] = norms.kappa(hess.value, jac.value, metrics["residual_norm"])
+    # The radius needs θ0's σ_min and Hessian norm: computed at the first
+    # snapshot (which is at θ0), then carried in the state.
+    sigma_min0 = lax.cond(
+        init, lambda: radius.jacobian_sigma_min_core(f, params, x_m, ntk_method=cfg.ntk_method,
+                                                     batch_size=cfg.ntk_batch_size),
+        lambda: jnp.zeros((), hess.value.dtype))
+    lazy_radius = jnp.where(init, radius.radius_from_norms(sigma_min0, hess.value),
+                            state.lazy_radius)
+    metrics["lazy_radius"] = lazy_radius
+    metrics["lazy_radius_ratio"] = radius.lazy_radius_ratio(params, state.theta0, lazy_radius)
+    updates["lazy_radius"] = lazy_radius
+    # Sharpness on every probe point: on a few points the mean loss's Hessian
+    # overweights its diagonal (η·sharpness 2.45 on 4 of the demo's points vs
+    # 1.00 on all 256 training points).
+    sharp = sharpness.loss_sharpness_core(f, params, x, y, loss=spec.loss,
+                                          num_iters=cfg.num_iters, tol=cfg.tol,
+                                          key=jax.random.key(cfg.seed + 2),
+                                          init=state.sharpness_vector)
+    metrics["sharpness"] = sharp.value
+    if spec.learning_rate is not None:
+      metrics["sharpness_lr"] = spec.learning_rate * sharp.value
+    if spec.warm_start:
+      updates.update(jacobian_vectors=jac.vector, hessian_vectors=hess.vector,
+                     hessian_values=hess.per_problem, sharpness_vector=sharp.vector)
 
-  def _snapshot(self, params, theta0, f0, kernel0, prev_kernel, step_delta, x, y, warm):
-    cfg = self.config
-    n = y.shape[0]
-    outputs = self.apply_fn(params, x)
-    residual_norm = jnp.linalg.norm((outputs - y).reshape(-1))
-    scalars = {"residual_norm": residual_norm}
-    scalars.update(weight_change(params, theta0))
-    extras = {}
-    if self.groups.ntk:
-      kernel = self._kernel(params, x)
-      stats = kernel_stats(kernel, K0=kernel0, y=y.reshape(n, -1),
-                           top_k=_layout.matrix_size(kernel))
-      for name in ("trace", "eig_max", "eig_min", "condition_number"):
-        scalars[f"ntk_{name}"] = stats[name]
-      for name in ("kernel_drift", "kernel_distance", "kernel_alignment"):
-        scalars[name] = stats[name]
-      scalars["kernel_velocity"] = safe_div(
-          jnp.linalg.norm((kernel - prev_kernel).reshape(-1)),
-          jnp.linalg.norm(kernel0.reshape(-1)) * step_delta)
-      extras = {"kernel": kernel, "eigenvalues": stats["eigenvalues"]}
-    vectors = None
-    if self.groups.norms:
-      n_jac, n_hess = self._norm_examples
-      options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
-                     return_vector=warm is not None)
-      key_jac, key_hess = jax.random.split(jax.random.key(cfg.seed))
-      jac = norms.jacobian_norm_core(self.apply_fn, params, _model.take(x, jnp.arange(n_jac)),
-                                     key=key_jac, init=None if warm is None else warm[0], **options)
-      hess = norms.hessian_norm_core(self.apply_fn, params, _model.take(x, jnp.arange(n_hess)),
-                                     key=key_hess, init=None if warm is None else warm[1],
-                                     screen_iters=cfg.hessian_screen_iters,
-                                     init_values=None if warm is None else warm[2], **options)
-      scalars["jacobian_norm"] = jac.value
-      scalars["hessian_norm"] = hess.value
-      scalars["kappa"] = norms.kappa(hess.value, jac.value, residual_norm)
-      if warm is not None:
-        vectors = (jac.vector, hess.vector, hess.per_problem)
-    if self.groups.twin:
-      twin = linearize(self.apply_fn, theta0)(params, x)
-      scalars["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin).reshape(-1)),
-                                     jnp.linalg.norm((outputs - f0).reshape(-1)))
-    return scalars, extras, vectors
+  if spec.compute_twin:
+    f_theta0 = spec.model(state.model_state0)
+    twin_out = linearize(f_theta0, state.theta0)(params, x)
+    moved = jnp.linalg.norm((outputs - f0).reshape(-1))
+    metrics["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin_out).reshape(-1)), moved)
+    zero = jnp.zeros((), moved.dtype)
+    distances = lax.cond(
+        has_twin,
+        lambda: twin.twin_distances(f_theta0, state.theta0, params, twin_params, x,
+                                    outputs=outputs, outputs0=f0),
+        lambda: {"twin_distance": zero, "twin_param_distance": zero})
+    metrics.update(distances)
 
+  scalars = [v for name, v in metrics.items() if name != "eigenvalues"]
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in scalars]))
+  metrics["nonfinite"] = jnp.where(finite, 0.0, 1.0)
+  # A non-finite snapshot does not become the reference of the next one,
+  # except the first, whose θ0 quantities are needed either way.
+  keep = finite | init
+  updates["prev_step"] = jnp.where(keep, step, state.prev_step).astype(state.prev_step.dtype)
+  new_state = dataclasses.replace(state, **{
+      name: _select(keep, value, getattr(state, name)) if name in _REFERENCES else value
+      for name, value in updates.items()})
+  return new_state, metrics
+
+
+_REFERENCES = frozenset({"prev_kernel", "jacobian_vectors", "hessian_vectors", "hessian_values",
+                         "sharpness_vector"})
+
+
+def _select(keep: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  if old is None:
+    return new
+  return jax.tree.map(lambda a, b: jnp.where(keep, a, b).astype(b.dtype), new, old)
+
+
+class Snapshotter:
+  """:func:`snapshot` compiled once for a run, with the shardings of its first call.
+
+  Later calls place their arguments on those shardings (``jax.device_put``,
+  a no-op when they already match), so params of any sharding never
+  recompile it.
+  """
+
+  def __init__(self, spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree):
+    self.spec = spec
+    self._fn = jax.jit(functools.partial(_snapshot_entry, spec))
+    args = (state, params, model_state, np.asarray(0, np.int32), params, np.asarray(False))
+    self._compiled = self._fn.lower(*args).compile()
+    self._shardings = self._compiled.input_shardings[0]
+
+  def __call__(self, state: DiagState, params: PyTree, model_state: PyTree, step: int,
+               twin_params: PyTree = None) -> tuple[DiagState, dict[str, jax.Array]]:
+    has_twin = twin_params is not None
+    args = (state, params, model_state, np.asarray(step, np.int32),
+            state.theta0 if twin_params is None else twin_params, np.asarray(has_twin))
+    args = jax.device_put(args, self._shardings)
+    return self._compiled(*args)
+
+
+def _snapshot_entry(spec, state, params, model_state, step, twin_params, has_twin):
+  return snapshot(spec, state, params, model_state, step, twin_params, has_twin)

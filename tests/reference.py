@@ -81,3 +81,45 @@ NTK_TOL = 1e-5
 def assert_close_fro(actual, expected, tol=NTK_TOL):
   err = rel_fro_error(actual, expected)
   assert err <= tol, f"relative Frobenius error {err:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------- the hook
+
+
+def hessian_spectral_norms(hessians) -> np.ndarray:
+  """``(n, k)`` largest ``|eigenvalue|`` of each dense Hessian (float64)."""
+  return np.abs(np.linalg.eigvalsh(hessians)).max(axis=-1)
+
+
+def loss_gradient(loss, outputs, y) -> np.ndarray:
+  """``∇_f`` of the summed loss in float64: ``f − y`` or ``softmax(f) − y`` (y one-hot)."""
+  outputs = np.asarray(outputs, np.float64)
+  y = np.asarray(y, np.float64).reshape(outputs.shape)
+  if loss == "mse":
+    return outputs - y
+  shifted = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+  return shifted / shifted.sum(axis=-1, keepdims=True) - y
+
+
+def kernel_scalars(kernel, kernel0, y) -> dict:
+  """The NTK-group scalars of a 2-D kernel in float64 (formulas of docs/metrics.md)."""
+  kernel = np.asarray(kernel, np.float64)
+  kernel0 = np.asarray(kernel0, np.float64)
+  evals = np.linalg.eigvalsh(0.5 * (kernel + kernel.T))
+  eps = np.finfo(np.float32).eps
+  norm, norm0 = np.linalg.norm(kernel), np.linalg.norm(kernel0)
+  n = kernel.shape[0]
+  center = np.eye(n) - np.ones((n, n)) / n
+  yc = center @ np.asarray(y, np.float64).reshape(n, -1)
+  kc = center @ kernel @ center
+  target = yc @ yc.T
+  return {
+      "ntk_trace": np.trace(kernel),
+      "ntk_eig_max": evals[-1],
+      "ntk_eig_min": evals[0],
+      "ntk_condition_number": abs(evals[-1]) / max(evals[0], eps * abs(evals[-1])),
+      "kernel_drift": np.linalg.norm(kernel - kernel0) / norm0,
+      "kernel_distance": 1.0 - np.sum(kernel * kernel0) / (norm * norm0),
+      "kernel_alignment": np.sum(kc * target) / (np.linalg.norm(kc) * np.linalg.norm(target)),
+      "eigenvalues": evals[::-1],
+  }

@@ -34,18 +34,24 @@ def _assert_logged(workdir, steps):
 
 def test_digits_mlp(tmp_path, capsys):
   workdir = tmp_path / "digits"
-  table = _load("digits_mlp").main(["--workdir", str(workdir), "--widths", "16", "64", "--steps", "20",
-                                    "--num-train", "32", "--every-steps", "10", "--probe-size", "16"])
+  results = _load("digits_mlp").main(["--workdir", str(workdir), "--widths", "16", "64", "--steps", "20",
+                                      "--num-train", "32", "--every-steps", "10", "--probe-size", "16"])
   out = capsys.readouterr().out
-  assert set(table) == {16, 64}
+  assert set(results) == {16, 64}
+  names = ["network", "linearized twin", "kernel predictor (t = 20)", "kernel interpolator (t = ∞)"]
   for width in (16, 64):
-    assert all(math.isfinite(v) for v in table[width].values()), table[width]
+    comparison = results[width]["comparison"]
+    assert [row.name for row in comparison.rows] == names
+    for row in comparison.rows:
+      values = [row.test_loss, row.accuracy] + ([] if row.name == "network" else
+                                                 [row.agreement, row.distance])
+      assert all(math.isfinite(v) for v in values), row
+    # The printed table is the one-call comparison's.
+    assert comparison.table() in out
     _assert_logged(workdir / f"width_{width}", [0, 10, 20])
-  for row in ("test MSE  [network]", "accuracy  [linearized twin]", "accuracy  [NTK predictor, t=∞]",
-              "kappa (end of training)", "twin_gap (end of training)"):
-    assert row in table[16]
-    assert row in out
-  assert "width 16" in out and "width 64" in out
+    assert (workdir / f"width_{width}" / "twin_params.npz").is_file()
+  assert "width 16: " in out and "width 64: " in out and "kappa" in out
+  assert "ntk-diag compare " in out
 
 
 def test_nnx_mlp(tmp_path, capsys):
@@ -82,3 +88,24 @@ def test_clu_loop_trains_checkpoints_and_resumes(tmp_path, capsys):
   logged = _assert_logged(workdir, [0, 10, 20, 30])
   assert logged["ntk_diag/weight_change"][30] > logged["ntk_diag/weight_change"][20] > 0
   assert {5, 10, 15, 20, 25, 30} <= set(logged["train_loss"])
+
+
+def test_resnet_batchnorm(tmp_path, capsys):
+  workdir = tmp_path / "resnet"
+  out = _load("resnet_batchnorm").main(["--workdir", str(workdir), "--epochs", "1", "--batch-size",
+                                        "16", "--num-train", "64", "--filters", "4", "--blocks", "1",
+                                        "--probe-size", "8", "--every-steps", "2"])
+  assert int(out["state"].step) == 4 and out["hook"].last.step == 4
+  _assert_logged(workdir, [0, 2, 4])
+  assert "kappa" in capsys.readouterr().out
+
+
+def test_nnx_batchnorm_dropout(tmp_path, capsys):
+  workdir = tmp_path / "nnx_bn"
+  out = _load("nnx_batchnorm_dropout").main(["--workdir", str(workdir), "--steps", "4",
+                                             "--batch-size", "16", "--channels", "4", "--hidden",
+                                             "16", "--num-train", "64", "--probe-size", "8",
+                                             "--every-steps", "2"])
+  assert out["model"].dropout.deterministic is False  # still in train mode
+  _assert_logged(workdir, [0, 2, 4])
+  assert "kappa" in capsys.readouterr().out

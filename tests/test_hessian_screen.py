@@ -134,15 +134,16 @@ def test_vector_and_per_problem_shapes():
 
 def test_snapshot_hessian_norm_cold_then_warm():
   params, nearby, x = problem()
-  config = snapshot.SnapshotConfig()  # screening on, 4 Hessian examples
-  n_hess = config.hessian_examples
-  y = jnp.zeros((x.shape[0], SIZES[-1]))
-  engine = snapshot.SnapshotEngine(apply_fn, nearby, x, y, kernel0=None, config=config,
-                                   groups=snapshot.Groups(ntk=False, norms=True, twin=False))
-  cold = engine.run(nearby, step=0).scalars["hessian_norm"]
-  warm = engine.run(params, step=1).scalars["hessian_norm"]
-  assert rel_err(cold, reference("nearby")[1][:n_hess].max()) <= TOL["power"]
-  assert rel_err(warm, reference("params")[1][:n_hess].max()) <= TOL["power"]
+  n_hess = 4
+  spec = snapshot.SnapshotSpec(apply_fn=apply_fn, with_model_state=False,
+                               config=snapshot.SnapshotConfig(),  # screening on
+                               norm_examples=n_hess, compute_ntk=False, compute_twin=False)
+  state = snapshot.initial_state(spec, nearby, None, x, jnp.zeros((x.shape[0], SIZES[-1])), step=0)
+  run = snapshot.Snapshotter(spec, state, nearby, None)
+  state, cold = run(state, nearby, None, 0)
+  state, warm = run(state, params, None, 1)
+  assert rel_err(float(cold["hessian_norm"]), reference("nearby")[1][:n_hess].max()) <= TOL["power"]
+  assert rel_err(float(warm["hessian_norm"]), reference("params")[1][:n_hess].max()) <= TOL["power"]
 
 
 @pytest.mark.parametrize("value,error", [(0, ValueError), (-2, ValueError), (2.5, TypeError),

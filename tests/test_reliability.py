@@ -70,17 +70,88 @@ def test_hook_rejects_probe_length_mismatch_and_empty(tmp_path):
     nd.LazyTrainingHook(apply_fn, x[:0], y[:0], workdir=str(tmp_path))
 
 
-def test_wrong_target_shape_disables_hook_without_crashing(tmp_path):
+def test_wrong_target_shape_raises_at_the_first_call(tmp_path):
   apply_fn, params, x, _ = _setup()
   hook = nd.LazyTrainingHook(apply_fn, x, jnp.ones((6, 3)), workdir=str(tmp_path), every_steps=1)
-  with pytest.warns(RuntimeWarning, match=r"probe_y.*\(6, 2\).*\(6, 3\)"):
-    assert not hook(0, params=params)
-  assert hook.disabled
-  assert not hook(1, params=params)
-  strict = nd.LazyTrainingHook(apply_fn, x, jnp.ones((6, 3)), workdir=str(tmp_path / "s"),
-                               every_steps=1, strict=True)
-  with pytest.raises(ValueError, match="probe_y"):
-    strict(0, params=params)
+  with pytest.raises(ValueError, match=r"probe_y.*\(6, 2\).*\(6, 3\)"):
+    hook(0, params=params)
+  assert not os.path.exists(os.path.join(str(tmp_path), "ntk_diag"))  # nothing written
+  labels = nd.LazyTrainingHook(apply_fn, x, jnp.ones((6,)), workdir=str(tmp_path), every_steps=1,
+                               loss="softmax_cross_entropy")
+  with pytest.raises(TypeError, match=r"probe_y.*labels.*integers"):
+    labels(0, params=params)
+  with pytest.raises(ValueError, match="loss"):
+    nd.LazyTrainingHook(apply_fn, x, jnp.ones((6, 2)), workdir=str(tmp_path), loss="hinge")
+
+
+class DropoutNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(nn.Dense(4)(x)))
+
+
+class KeywordNet(nn.Module):
+  @nn.compact
+  def __call__(self, *, inputs):
+    return nn.Dense(2)(inputs)
+
+
+class BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    return nn.Dense(2)(nn.BatchNorm(use_running_average=not train)(x))
+
+
+def _failing_apply_fns():
+  x = jnp.ones((6, 3))
+  dropout, keyword, bn = DropoutNet(), KeywordNet(), BNNet()
+  v_drop = dropout.init(jax.random.key(0), x, train=False)
+  v_key = keyword.init(jax.random.key(0), inputs=x)
+  v_bn = bn.init(jax.random.key(0), x, train=False)
+  return [
+      # train mode by default: Dropout wants an rng
+      ("rngs", lambda p, xx: dropout.apply({"params": p}, xx), v_drop["params"], None),
+      # positional input to a keyword-only module
+      ("keyword", lambda p, xx: keyword.apply({"params": p}, xx), v_key["params"], None),
+      # BatchNorm in train mode without `mutable`
+      ("train=False", lambda p, xx: bn.apply({"params": p, **v_bn}, xx), v_bn["params"], None),
+      # model_state given, but apply_fn takes two arguments
+      (r"apply_fn\(params, x, model_state\)", lambda p, xx: bn.apply({"params": p}, xx, train=False),
+       v_bn["params"], {"batch_stats": v_bn["batch_stats"]}),
+  ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_failing_apply_fn_raises_at_first_call_with_a_hint(tmp_path, case):
+  hint, apply_fn, params, model_state = _failing_apply_fns()[case]
+  x, y = jnp.ones((6, 3)), jnp.ones((6, 2))
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1)
+  with pytest.raises((TypeError, ValueError), match=r"cannot evaluate the model.*" + hint):
+    hook(0, params=params, model_state=model_state)
+
+
+@pytest.mark.parametrize("step", [jnp.asarray(0), jnp.asarray(0, jnp.uint8), np.int64(0), 0])
+def test_integer_scalar_steps(tmp_path, step):
+  apply_fn, params, x, y = _setup()
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=2,
+                             compute_norms=False, compute_ntk=False)
+  assert hook(step, params=params)
+  assert not hook(jnp.asarray(1), params=params)
+  assert hook.last.step == 0 and isinstance(hook.last.step, int)
+
+
+def test_bad_step_raises_at_start_then_only_warns(tmp_path):
+  apply_fn, params, x, y = _setup()
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1,
+                             compute_norms=False, compute_ntk=False)
+  with pytest.raises(TypeError, match="step"):
+    hook(0.5, params=params)
+  with pytest.raises(TypeError, match="step"):
+    hook(jnp.zeros((2,), jnp.int32), params=params)
+  assert hook(0, params=params)
+  with pytest.warns(RuntimeWarning, match="step"):
+    assert not hook(1.5, params=params)
+  assert hook(2, params=params)
 
 
 @pytest.mark.parametrize("call, match", [
@@ -102,20 +173,73 @@ def test_functional_api_errors_name_the_argument(call, match):
 
 
 # -------------------------------------------------------------- stale workdir
-def test_stale_workdir_is_refused_and_left_untouched(tmp_path):
-  apply_fn, params, x, y = _setup(width=16)
-  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1)
+def _first_run(workdir, width=16, seed=1):
+  apply_fn, params, x, y = _setup(width=width)
+  params = jax.tree.map(lambda a: a + 0.01 * (seed - 1), params)
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, every_steps=1, compute_ntk=False,
+                             compute_norms=False)
   hook(0, params=params)
-  ckpt = os.path.join(str(tmp_path), "ntk_diag")
+  hook(1, params=params)
+  return os.path.join(workdir, "ntk_diag")
+
+
+def test_stale_workdir_is_refused_and_left_untouched(tmp_path):
+  ckpt = _first_run(str(tmp_path))
   before = _dir_bytes(ckpt)
-  apply_fn2, params2, _, _ = _setup(width=24)  # the model changed, the workdir was reused
-  strict = nd.LazyTrainingHook(apply_fn2, x, y, workdir=str(tmp_path), every_steps=1, strict=True)
-  with pytest.raises(ValueError, match="workdir.*different model"):
-    strict(0, params=params2)
-  lenient = nd.LazyTrainingHook(apply_fn2, x, y, workdir=str(tmp_path), every_steps=1)
-  with pytest.warns(RuntimeWarning, match="stale workdir"):
-    assert not lenient(0, params=params2)
+  apply_fn2, params2, x, y = _setup(width=24)  # the model changed, the workdir was reused
+  for strict in (True, False):
+    hook = nd.LazyTrainingHook(apply_fn2, x, y, workdir=str(tmp_path), every_steps=1, strict=strict)
+    with pytest.raises(ValueError, match="workdir.*different model.*delete"):
+      hook(0, params=params2)
   assert _dir_bytes(ckpt) == before
+
+
+def test_workdir_of_another_run_is_refused_resume_is_not(tmp_path):
+  ckpt = _first_run(str(tmp_path))
+  before = _dir_bytes(ckpt)
+  apply_fn, params, x, y = _setup()
+  new_seed = jax.tree.map(lambda a: a + 0.5, params)  # same model, another initialisation
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1)
+  with pytest.raises(ValueError, match=r"another run.*saved at step 0.*starts at step 0.*delete"):
+    hook(0, params=new_seed)
+  assert _dir_bytes(ckpt) == before
+  # The same run starting again from θ0 reuses it; a resume (step > 0) restores θ0.
+  again = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1,
+                              compute_ntk=False, compute_norms=False)
+  assert again(0, params=params)
+  resumed = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1,
+                                compute_ntk=False, compute_norms=False)
+  assert resumed(5, params=new_seed)
+  jax.tree.map(np.testing.assert_array_equal, resumed.initial_params, jax.device_get(params))
+  assert resumed.last.scalars["weight_change"] > 0
+  assert _dir_bytes(ckpt) == before
+
+
+def test_corrupted_checkpoint_is_named_and_left_untouched(tmp_path):
+  ckpt = _first_run(str(tmp_path))
+  for root, _, files in os.walk(ckpt):  # truncate every data file
+    for name in files:
+      if "manifest" in name or name.startswith("d") or name.endswith(".ocdbt"):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(os.path.getsize(f.name) // 3, 1))
+  before = _dir_bytes(ckpt)
+  apply_fn, params, x, y = _setup()
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), every_steps=1)
+  with pytest.raises(ValueError, match=r"cannot be read.*truncated or corrupted.*delete .*ntk_diag/initial"):
+    hook(3, params=params)
+  assert _dir_bytes(ckpt) == before
+
+
+def test_orbax_info_logging_is_quiet(tmp_path, caplog):
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)  # absl.app's default
+  try:
+    with caplog.at_level("INFO"):
+      _first_run(str(tmp_path))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  assert not [r for r in caplog.records if "orbax" in r.pathname and r.levelno < 30]
 
 
 # ---------------------------------------------------------- numerical faults
@@ -167,11 +291,11 @@ def test_exception_in_snapshot_is_counted_or_raised_when_strict(tmp_path):
   writer = RecordingWriter()
   hook = nd.LazyTrainingHook(flaky, x, y, workdir=str(tmp_path), writer=writer, every_steps=1)
   hook(0, params=params)
-  original = hook._engine.run
-  hook._engine.run = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+  original = hook._run.snapshotter
+  hook._run.snapshotter = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
   with pytest.warns(RuntimeWarning, match="boom"):
     assert hook(1, params=params)
-  hook._engine.run = original
+  hook._run.snapshotter = original
   hook(2, params=params)
   by_step = dict(writer.scalars)
   assert by_step[1] == {"ntk_diag/failed": 1.0}
@@ -180,7 +304,7 @@ def test_exception_in_snapshot_is_counted_or_raised_when_strict(tmp_path):
   strict = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path / "strict"), writer=writer,
                                every_steps=1, strict=True)
   strict(0, params=params)
-  strict._engine.run = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+  strict._run.snapshotter = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
   with pytest.raises(RuntimeError, match="boom"):
     strict(1, params=params)
 

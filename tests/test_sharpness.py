@@ -1,0 +1,79 @@
+"""nd.loss_sharpness against jax.hessian + eigvalsh of the dense mean-loss Hessian."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import ntk_diag as nd
+from ntk_diag import losses
+from ntk_diag import sharpness
+
+D, H, K, N = 3, 8, 2, 6
+
+
+def _problem(seed):
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = {"w": jax.random.normal(k1, (D, H)), "v": jax.random.normal(k2, (H, K))}
+  apply_fn = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"] / np.sqrt(H)
+  x = jax.random.normal(k3, (N, D))
+  return apply_fn, params, x, 5.0 * jax.random.normal(k4, (N, K))
+
+
+def _dense_spectrum(apply_fn, params, x, y, loss):
+  """Eigenvalues of the dense Hessian of the mean loss (jax.hessian, float64 eigvalsh)."""
+  flat, unravel = ravel_pytree(params)
+  y = losses.prepare_targets(loss, y, (N, K))
+  mean_loss = lambda q: losses.mean(loss, apply_fn(unravel(q), x), y)
+  return np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(mean_loss))(flat), np.float64))
+
+
+def test_largest_algebraic_eigenvalue_of_an_indefinite_hessian():
+  apply_fn, params, x, y = _problem(seed=2)
+  spectrum = _dense_spectrum(apply_fn, params, x, y, "mse")
+  # The most negative eigenvalue dominates in magnitude (-12.6 vs 2.70):
+  # an estimator of the largest |λ| would return 12.6.
+  assert -spectrum[0] > 3 * spectrum[-1] > 0
+  est = nd.loss_sharpness(apply_fn, params, x, y)
+  assert bool(est.converged) and est.per_example is None and est.vector is None
+  # Measured relative error 2e-7.
+  np.testing.assert_allclose(float(est.value), spectrum[-1], rtol=1e-4)
+
+
+def test_cross_entropy_labels_and_one_hot():
+  apply_fn, params, x, _ = _problem(seed=3)
+  labels = jnp.arange(N) % K
+  spectrum = _dense_spectrum(apply_fn, params, x, labels, "softmax_cross_entropy")
+  by_labels = nd.loss_sharpness(apply_fn, params, x, labels, loss="softmax_cross_entropy")
+  by_one_hot = nd.loss_sharpness(apply_fn, params, x, jax.nn.one_hot(labels, K),
+                                 loss="softmax_cross_entropy")
+  # Measured relative error 1e-7.
+  np.testing.assert_allclose(float(by_labels.value), spectrum[-1], rtol=1e-4)
+  np.testing.assert_allclose(float(by_one_hot.value), spectrum[-1], rtol=1e-4)
+
+
+def test_core_under_jit_with_warm_start():
+  apply_fn, params, x, y = _problem(seed=2)
+  spectrum = _dense_spectrum(apply_fn, params, x, y, "mse")
+  core = jax.jit(lambda p, init: sharpness.loss_sharpness_core(
+      apply_fn, p, x, y, num_iters=100, tol=1e-5, init=init, krylov_dim=8))
+  cold = core(params, jax.tree.map(jnp.ones_like, params))
+  warm = core(params, cold.vector)
+  np.testing.assert_allclose(float(cold.value), spectrum[-1], rtol=1e-4)
+  np.testing.assert_allclose(float(warm.value), spectrum[-1], rtol=1e-4)
+  assert int(warm.iterations) < int(cold.iterations)
+
+
+def test_validation():
+  apply_fn, params, x, y = _problem(seed=0)
+  with pytest.raises(ValueError, match="`y`"):
+    nd.loss_sharpness(apply_fn, params, x, y[:3])
+  with pytest.raises(ValueError, match="`loss`"):
+    nd.loss_sharpness(apply_fn, params, x, y, loss="l1")
+  with pytest.raises(ValueError, match="num_iters"):
+    nd.loss_sharpness(apply_fn, params, x, y, num_iters=0)
+  with pytest.raises(ValueError, match="`init`"):
+    nd.loss_sharpness(apply_fn, params, x, y, init={"w": params["w"]})
+  with pytest.raises(TypeError, match="apply_fn"):
+    nd.loss_sharpness("f", params, x, y)
