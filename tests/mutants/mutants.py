@@ -1,6 +1,6 @@
 """Mutation testing: does the test suite notice plausible bugs in the package?
 
-Each mutant in ``tools/mutants.toml`` replaces one exact snippet of package
+Each mutant in ``tests/mutants/mutants.toml`` replaces one exact snippet of package
 code with a plausible wrong version (wrong normalisation, off-by-one step,
 dropped term, swapped sign, mean vs sum, unbounded tiling, ...) and names the
 tests that should catch it. For every mutant this script
@@ -20,7 +20,7 @@ not at all (they are listed, and make the exit status nonzero).
 
 Usage::
 
-  python tools/mutants.py [--jobs 2] [--only ID[,ID...]] [--file ntk.py]
+  python tests/mutants/mutants.py [--jobs 2] [--only ID[,ID...]] [--file ntk.py]
                           [--list] [--check] [--no-baseline] [--timeout 900]
                           [--json out.json]
 
@@ -44,8 +44,8 @@ import tempfile
 import time
 import tomllib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIST = os.path.join(ROOT, "tools", "mutants.toml")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mutants.toml")
 # Kill rate below which the run fails (the target of issue 14).
 TARGET = 0.9
 
