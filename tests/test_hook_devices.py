@@ -72,7 +72,8 @@ def train_step(state, x, y):
 p_train_step = jax.pmap(train_step, axis_name="batch")
 probe_x, probe_y = x[:8], y[:8]
 hook = nd.LazyTrainingHook(apply_fn, probe_x, probe_y, workdir=tempfile.mkdtemp(), every_steps=2,
-                           loss="softmax_cross_entropy", norm_examples=4, log_images=False)
+                           loss="softmax_cross_entropy", norm_examples=4, log_images=False,
+                           compute_norms=False)
 hook_compiles, residuals = [], {}
 for step in range(5):
   step_array = state.step[0]  # TrainState.step, a jax array (indexing it compiles here)
@@ -105,7 +106,8 @@ variants = [
 ]
 jax.block_until_ready(variants)
 hook = nd.LazyTrainingHook(apply_fn, probe_x, probe_y, workdir=tempfile.mkdtemp(), every_steps=1,
-                           loss="softmax_cross_entropy", norm_examples=4, log_images=False)
+                           loss="softmax_cross_entropy", norm_examples=4, log_images=False,
+                           compute_norms=False)
 values, sharding_compiles = {}, []
 for step, (name, p) in enumerate(variants):
   before = len(compiled)

@@ -289,7 +289,8 @@ def test_exception_in_snapshot_is_counted_or_raised_when_strict(tmp_path):
     return apply_fn(p, xx)
 
   writer = RecordingWriter()
-  hook = nd.LazyTrainingHook(flaky, x, y, workdir=str(tmp_path), writer=writer, every_steps=1)
+  hook = nd.LazyTrainingHook(flaky, x, y, workdir=str(tmp_path), writer=writer, every_steps=1,
+                             compute_norms=False)
   hook(0, params=params)
   original = hook._run.snapshotter
   hook._run.snapshotter = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
@@ -299,10 +300,10 @@ def test_exception_in_snapshot_is_counted_or_raised_when_strict(tmp_path):
   hook(2, params=params)
   by_step = dict(writer.scalars)
   assert by_step[1] == {"ntk_diag/failed": 1.0}
-  assert by_step[2]["ntk_diag/failed"] == 1.0 and "ntk_diag/kappa" in by_step[2]
+  assert by_step[2]["ntk_diag/failed"] == 1.0 and "ntk_diag/kernel_drift" in by_step[2]
 
   strict = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path / "strict"), writer=writer,
-                               every_steps=1, strict=True)
+                               every_steps=1, strict=True, compute_norms=False)
   strict(0, params=params)
   strict._run.snapshotter = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
   with pytest.raises(RuntimeError, match="boom"):
@@ -316,7 +317,8 @@ def test_broken_writer_never_reaches_the_training_loop(tmp_path):
     def write_scalars(self, step, scalars):
       raise OSError("disk full")
 
-  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), writer=BrokenWriter(), every_steps=1)
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), writer=BrokenWriter(), every_steps=1,
+                             compute_norms=False)
   with pytest.warns(RuntimeWarning, match="disk full"):
     hook(0, params=params)
   assert hook.last is not None  # results stay available in Python
@@ -335,7 +337,7 @@ KILL_SCRIPT = textwrap.dedent("""
     model = MLP(); apply_fn, params = nd.from_linen(model, model.init(jax.random.key(1), x))
     start = int(sys.argv[2])
     params = jax.tree.map(lambda a: a + 0.01 * start, params)
-    hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=sys.argv[1], every_steps=1)
+    hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=sys.argv[1], every_steps=1, compute_norms=False)
     for step in range(start, start + 10**6):
       if hook(step, params=params):
         print("snapshot", step, flush=True)
@@ -357,7 +359,7 @@ def test_killed_run_leaves_readable_events_and_intact_theta0(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   logged = read_scalars(workdir)
-  assert set(seen) <= set(logged["ntk_diag/kappa"])
+  assert set(seen) <= set(logged["ntk_diag/kernel_drift"])
   theta0 = nd.load_initial_params(workdir)
   # Resume from a later step: θ0 is restored (bitwise), not replaced.
   before = _dir_bytes(os.path.join(workdir, "ntk_diag"))
