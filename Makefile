@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo docs bench bench-peer clean
+.PHONY: venv test demo docs bench bench-peer mutants clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ docs: venv
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+# Mutation testing: plants each bug of tests/mutants/mutants.toml in a temporary copy
+# and runs the tests that should catch it; reports the kill rate (target
+# >= 90 %, docs/testing.md). Takes minutes to an hour; not part of `make test`/CI.
+mutants: venv
+	$(PY) tests/mutants/mutants.py --jobs 2
 
 # Reference timings of neural-tangents in its own venv (old jax); not part of
 # `make test`/CI. Writes benchmarks/peer_results.json, which `make bench` shows.

@@ -1,6 +1,6 @@
 """The main job (`make demo`): is an MLP on digits training lazily?
 
-Trains a one-hidden-layer tanh MLP in the NTK parametrization (the seed's
+Trains a one-hidden-layer tanh MLP in the NTK parametrization (the lecture's
 ``f(x) = d^-1/2 Σ βᵢ σ(wᵢᵀx)``, N(0, 1) weights) at a narrow and a wide width,
 with full-batch gradient descent on the mean squared loss
 ``(1/n) Σ_i ½‖f(x_i) − y_i‖²`` against one-hot targets, and ``LazyTrainingHook``

@@ -1,6 +1,6 @@
 """Theorem 1 made visible: wide networks trained by gradient descent follow the NTK.
 
-The seed's one-hidden-layer network
+The lecture's one-hidden-layer network
 
     f(x; θ) = d^{-1/2} Σ_i β_i tanh(w_iᵀ x),   w_i, β_i ~ N(0, 1) i.i.d.,
 

@@ -1,6 +1,6 @@
-"""How the lazy-training quantities of the seed scale with the width ``d``.
+"""How the lazy-training quantities of the lecture notes scale with the width ``d``.
 
-For the seed's one-hidden-layer network
+For the lecture's one-hidden-layer network
 
     f(x; θ) = d^{-1/2} Σ_i β_i tanh(w_iᵀ x),   w_i ~ N(0, I),
 
@@ -8,9 +8,9 @@ at initialisation, on a small data set (``n`` Gaussian inputs in ``R^dim``,
 targets ``y = sin(x_1) + x_2 / 2``), this measures with ``nd.lazy_ratio``
 
 * ``‖∇f‖²``: ``jacobian_norm.value²`` = ``max_i ‖∇_θ f(x_i)‖²`` (seed: O(1));
-* ``‖∇²f‖``: ``hessian_norm.value`` = ``max_i ‖∇²_θ f(x_i)‖₂`` (seed's text:
+* ``‖∇²f‖``: ``hessian_norm.value`` = ``max_i ‖∇²_θ f(x_i)‖₂`` (lecture's text:
   O(1/d));
-* ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(X) − y‖`` (seed eq. 3: O(d^{-1/2})),
+* ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(X) − y‖`` (eq. 3 of the lecture notes: O(d^{-1/2})),
 
 for two laws of the output weights ``β_i``:
 
@@ -18,7 +18,7 @@ for two laws of the output weights ``β_i``:
   block of size O(d^{-1/2}) per neuron, and its norm is the largest of ``d``
   blocks; with unbounded ``β_i`` that maximum carries an extreme-value factor
   growing like ``sqrt(log d)``, so the slopes of ``‖∇²f‖`` and κ sit above −1/2;
-* ``sign``: ``β_i = ±1``. Bounded output weights are what the seed's argument
+* ``sign``: ``β_i = ±1``. Bounded output weights are what the lecture's argument
   assumes ("all non-zero terms in the Hessian are O(1/√d)"); then the block
   norms are bounded and the slopes are −1/2.
 
@@ -47,7 +47,7 @@ OUTPUT_WEIGHTS = ("gaussian", "sign")
 
 
 def apply_fn(params, x):
-  """The seed network; the width is read from the parameters."""
+  """The lecture's network; the width is read from the parameters."""
   width = params["w"].shape[0]
   return jnp.tanh(x @ params["w"].T) @ params["beta"] / jnp.sqrt(width)
 
@@ -182,7 +182,7 @@ def main(argv=None):
       print(f"{width:>7} {means['grad_sq'][i]:10.4f} {means['hessian'][i]:10.4f}"
             f" {means['kappa'][i]:10.4f}")
     print(f"log-log slopes: ‖∇f‖² {found['grad_sq']:+.3f} (seed: 0),"
-          f" ‖∇²f‖ {found['hessian']:+.3f} (seed's text: -1),"
+          f" ‖∇²f‖ {found['hessian']:+.3f} (lecture's text: -1),"
           f" κ {found['kappa']:+.3f} (seed: -1/2)")
     print(f"largest relative deviation from the closed form: {deviation:.1e}\n")
   if args.out:

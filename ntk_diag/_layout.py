@@ -21,12 +21,6 @@ def kernel_to_matrix(kernel: jax.Array) -> jax.Array:
   return jnp.transpose(kernel, (0, 2, 1, 3)).reshape(n1 * k1, n2 * k2)
 
 
-def matrix_to_kernel(matrix: jax.Array, k: int) -> jax.Array:
-  """Inverse of :func:`kernel_to_matrix`: ``(n1·k, n2·k) -> (n1, n2, k, k)``."""
-  rows, cols = matrix.shape
-  return jnp.transpose(matrix.reshape(rows // k, k, cols // k, k), (0, 2, 1, 3))
-
-
 def matrix_size(kernel: jax.Array) -> int:
   """Side ``n·k`` of the matrix a square kernel is reduced to."""
   return kernel.shape[0] * (kernel.shape[2] if kernel.ndim == 4 else 1)

@@ -30,10 +30,6 @@ def tree_norm(a: PyTree) -> jax.Array:
   return jnp.sqrt(tree_sq_norm(a))
 
 
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(jnp.add, a, b)
-
-
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(jnp.subtract, a, b)
 
@@ -45,10 +41,6 @@ def tree_scale(scalar: jax.Array | float, a: PyTree) -> PyTree:
 def tree_axpy(scalar: jax.Array | float, x: PyTree, y: PyTree) -> PyTree:
   """``scalar * x + y``."""
   return jax.tree.map(lambda u, v: (scalar * u + v).astype(v.dtype), x, y)
-
-
-def tree_zeros_like(a: PyTree) -> PyTree:
-  return jax.tree.map(jnp.zeros_like, a)
 
 
 def tree_size(a: PyTree) -> int:

@@ -185,7 +185,7 @@ def compare(apply_fn: Callable, params0: PyTree | str | os.PathLike, params: PyT
     :func:`kernel_learning_rate` (``learning_rate``, ``momentum``,
     ``batch_size``, ``reduction``);
   * ``"kernel interpolator (t = ∞)"`` (``loss="mse"`` only; skip with
-    ``interpolator_ridge=None``): the seed's interpolator
+    ``interpolator_ridge=None``): the lecture's interpolator
     ``f0(x) + K_xX (K + ρI)⁻¹ (y − f0(X))``, ``ρ = interpolator_ridge · λ_max(K)``.
 
   ``x_train`` is the set the network was trained on (or the subset the

@@ -104,10 +104,10 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       ``loss(outputs, y) -> (n,)``: ``residual_norm`` and ``kappa`` use its
       output gradient (:mod:`ntk_diag.losses`).
     norm_examples: the norm tags (``jacobian_norm``, ``hessian_norm``,
-      ``residual_norm``, ``kappa``, the lazy radius, ``sharpness``) are those
-      of :func:`ntk_diag.lazy_ratio` (:func:`ntk_diag.loss_sharpness`) on the
-      first ``norm_examples`` probe points (``None``: all); the kernel tags
-      use every probe point.
+      ``residual_norm``, ``kappa``, the lazy radius) are those of
+      :func:`ntk_diag.lazy_ratio` on the first ``norm_examples`` probe points
+      (``None``: all); the kernel tags and ``sharpness``
+      (:func:`ntk_diag.loss_sharpness`) use every probe point.
     learning_rate: the optimiser's step ``η``: also log
       ``sharpness_lr = η · sharpness`` (the edge of stability is at 2).
     infinite: a network of :mod:`ntk_diag.infinite` (``serial(...)``), the

@@ -1,6 +1,6 @@
 """The linearized twin: the first-order Taylor expansion of a network in its parameters.
 
-``f_lin(θ, x) = f(θ0, x) + J_x(θ0) (θ − θ0)`` (seed eq. 1), evaluated with one
+``f_lin(θ, x) = f(θ0, x) + J_x(θ0) (θ − θ0)`` (eq. 1 of the NTK lecture notes), evaluated with one
 Jacobian-vector product per call; the Jacobian is never formed.
 """
 

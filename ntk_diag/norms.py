@@ -7,7 +7,7 @@ With ``J_x`` the ``k × P`` Jacobian of the outputs at one example and
   ``stacked=True`` the largest singular value of the stacked ``(n·k) × P``
   Jacobian (``= sqrt(λ_max)`` of the ``(n·k) × (n·k)`` NTK);
 * :func:`hessian_norm`: ``max_i max_a ‖H_{x_i,a}‖₂`` (largest ``|eigenvalue|``);
-* :func:`lazy_ratio`: ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(X) − y‖₂`` (seed eq. 3); the
+* :func:`lazy_ratio`: ``κ = ‖∇²f‖ / ‖∇f‖² · ‖f(X) − y‖₂`` (eq. 3 of the NTK lecture notes, Chizat et al. 2019); the
   network trains lazily (stays close to its linearisation) when ``κ ≪ 1``.
 
 Everything is matrix-free: Jacobian-vector and vector-Jacobian products for

@@ -1,6 +1,6 @@
-"""The seed's radius ``B = σ_min / 2γ`` of provably lazy training.
+"""The lecture's radius ``B = σ_min / 2γ`` of provably lazy training.
 
-The seed's proof strategy (section 2, after Chizat et al. 2019) studies
+The lecture's proof strategy (section 2, after Chizat et al. 2019) studies
 gradient flow while ``‖θ − θ0‖ ≤ B`` with
 
 * ``σ_min = σ_min(J_X(θ0))``, the smallest singular value of the stacked
@@ -39,7 +39,7 @@ PyTree = Any
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LazyRadius:
-  """The seed's radius at ``θ0`` and its two ingredients.
+  """The lecture's radius at ``θ0`` and its two ingredients.
 
   Attributes:
     radius: ``B = σ_min / (2γ)`` (float scalar); the dtype's largest finite
@@ -55,7 +55,7 @@ class LazyRadius:
 def lazy_radius(apply_fn: Callable, params0: PyTree, x: PyTree, *, num_iters: int = 100,
                 tol: float = 1e-4, method: str = "power",
                 key: jax.Array | None = None) -> LazyRadius:
-  """The seed's radius ``B = σ_min(J_X(θ0)) / (2‖∇²f(θ0)‖)`` on a probe set.
+  """The lecture's radius ``B = σ_min(J_X(θ0)) / (2‖∇²f(θ0)‖)`` on a probe set.
 
   ``σ_min`` is the square root of the smallest eigenvalue of the full
   ``(n·k) × (n·k)`` empirical NTK at ``θ0`` (so this forms that kernel:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ntk_diag import verdict
 
-TAG_PREFIX = "ntk_diag/"
+from ntk_diag.tb_logging import TAG_PREFIX
 PLOTTED = ("kappa", "kernel_drift", "twin_gap", "weight_change")
 # Plotted when some run logged them (newer hook tags, optional groups).
 PLOTTED_IF_LOGGED = ("twin_distance", "lazy_radius_ratio", "sharpness_lr")
@@ -44,23 +44,32 @@ def find_runs(root: str) -> list[str]:
   return sorted(runs)
 
 
-def read_run(directory: str, root: str) -> RunData:
+def read_tensors(directory: str) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+  """``{tag: (steps, values)}`` of every tensor summary in ``directory``'s event
+  files (clu's TensorBoard writer stores scalars and histograms as tensors)."""
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
 
-  acc = event_accumulator.EventAccumulator(directory, size_guidance={"tensors": 0})
+  acc = event_accumulator.EventAccumulator(str(directory), size_guidance={"tensors": 0})
   acc.Reload()
-  scalars, spectrum = {}, None
+  out = {}
   for tag in acc.Tags().get("tensors", []):
+    events = acc.Tensors(tag)
+    out[tag] = (np.array([e.step for e in events]),
+                [tensor_util.make_ndarray(e.tensor_proto) for e in events])
+  return out
+
+
+def read_run(directory: str, root: str) -> RunData:
+  scalars, spectrum = {}, None
+  for tag, (steps, values) in read_tensors(directory).items():
     if not tag.startswith(TAG_PREFIX):
       continue
-    events = acc.Tensors(tag)
-    values = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
     name = tag[len(TAG_PREFIX):]
     if name == "ntk_eigenvalues":
-      spectrum = (events[-1].step, np.asarray(values[-1]))
+      spectrum = (int(steps[-1]), np.asarray(values[-1]))
     elif all(np.ndim(v) == 0 for v in values):
-      scalars[name] = (np.array([e.step for e in events]), np.array(values, dtype=np.float64))
+      scalars[name] = (steps, np.array(values, dtype=np.float64))
   return RunData(name=run_name(directory, root), scalars=scalars, spectrum=spectrum)
 
 
@@ -133,7 +142,7 @@ def summary_markdown(runs: list[RunData], images: list[str], out_dir: str,
     lines.append(f"- **{run.name}**: {run_verdict(run).sentence}")
   lines += ["", f"Thresholds: lazy when twin_gap and kernel_drift are both ≤ {verdict.LAZY_MAX},"
             f" feature learning when either exceeds {verdict.FEATURE_LEARNING_MIN}, drifting in"
-            " between; lazy_radius_ratio < 1 means the seed's proof covers the run.", ""]
+            " between; lazy_radius_ratio < 1 means the lecture's proof covers the run.", ""]
   for name, comparison in (comparisons or {}).items():
     lines += [f"## Comparison with the kernel regime: {name}", "", comparison.to_markdown()]
   lines += ["## Metrics", "", "Values at the first and last snapshot of each run.", "",

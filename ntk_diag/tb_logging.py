@@ -1,36 +1,23 @@
 """Writing a snapshot through a CLU ``MetricWriter`` (TensorBoard by default).
 
-Scalars go through a ``clu.metrics.Collection`` of ``LastValue`` metrics; the
-NTK spectrum is written as a histogram, the NTK heatmap and spectrum plot as
-images. The writer is flushed before returning, so nothing is lost if the
-process dies right after.
+Scalars are written as ``ntk_diag/<name>`` floats; the NTK spectrum as a
+histogram, the NTK heatmap and spectrum plot as images. The writer is flushed
+before returning, so nothing is lost if the process dies right after. This
+module itself does not import CLU (nor TensorFlow): :mod:`ntk_diag.report`
+reads the tags back with :data:`TAG_PREFIX`.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-from clu import metric_writers
-from clu import metrics as clu_metrics
 
+if TYPE_CHECKING:
+  from clu import metric_writers
+
+# The prefix of every tag the hook writes (the one definition).
 TAG_PREFIX = "ntk_diag/"
-
-
-@functools.lru_cache(maxsize=None)
-def _collection(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
-  fields = {f"m{i}": clu_metrics.LastValue.from_output(name) for i, name in enumerate(names)}
-  return clu_metrics.Collection.create(**fields)
-
-
-def scalar_metrics(scalars: Mapping[str, float]) -> dict[str, float]:
-  """``{ntk_diag/<name>: value}`` computed through a clu ``Collection``."""
-  names = tuple(sorted(scalars))
-  collection = _collection(names).single_from_model_output(
-      **{name: np.float32(scalars[name]) for name in names})
-  computed = collection.compute()
-  return {TAG_PREFIX + name: float(computed[f"m{i}"]) for i, name in enumerate(names)}
 
 
 def heatmap_image(kernel: np.ndarray) -> np.ndarray:
@@ -63,11 +50,11 @@ def spectrum_image(eigenvalues: np.ndarray) -> np.ndarray:
   return np.asarray(canvas.buffer_rgba())[None, ..., :3].copy()
 
 
-def write_snapshot(writer: metric_writers.MetricWriter, step: int, scalars: Mapping[str, float],
+def write_snapshot(writer: "metric_writers.MetricWriter", step: int, scalars: Mapping[str, float],
                    eigenvalues: np.ndarray | None = None, kernel: np.ndarray | None = None) -> None:
   """Writes scalars, the spectrum histogram and (if ``kernel``) images, then flushes."""
   try:
-    writer.write_scalars(step, scalar_metrics(scalars))
+    writer.write_scalars(step, {TAG_PREFIX + name: float(value) for name, value in scalars.items()})
     if eigenvalues is not None and np.all(np.isfinite(eigenvalues)):
       writer.write_histograms(step, {TAG_PREFIX + "ntk_eigenvalues": np.asarray(eigenvalues)})
       if kernel is not None:

@@ -1,8 +1,8 @@
 """The linearized twin trained in lockstep with the network.
 
-``f_lin(θ̃, x) = f(θ0, x) + J_x(θ0)(θ̃ − θ0)`` (seed eq. 1) is trained by the
+``f_lin(θ̃, x) = f(θ0, x) + J_x(θ0)(θ̃ − θ0)`` (eq. 1 of the NTK lecture notes) is trained by the
 same optax transformation as the network, on the same batches, one jitted
-step each. The seed's proof strategy (Chizat et al. 2019) says that for wide
+step each. The lecture's proof strategy (Chizat et al. 2019) says that for wide
 networks the two trajectories stay together: ``θ̃_t ≈ θ_t`` and
 ``f_lin(θ̃_t) ≈ f(θ_t)``. :func:`twin_distances` measures both; it is the
 traceable core the hook calls with ``twin_params=``.

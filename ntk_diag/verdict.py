@@ -5,7 +5,7 @@ Thresholds (relative errors, so unitless) on the values of the last snapshot:
 * ``twin_gap = ‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖``: the share of the change in
   the outputs that the linearization at ``θ0`` does not explain;
 * ``kernel_drift = ‖K − K0‖_F / ‖K0‖_F``: how far the NTK moved;
-* ``lazy_radius_ratio = ‖θ − θ0‖ / B``: below 1 the seed's proof guarantees
+* ``lazy_radius_ratio = ‖θ − θ0‖ / B``: below 1 the lecture's proof guarantees
   lazy training (absent in runs logged before it existed).
 
 The verdict is **lazy** when the larger of twin gap and kernel drift is at
@@ -46,7 +46,7 @@ def run_verdict(last: Mapping[str, float]) -> Verdict:
   proof = _proof_clause(ratio)
   if not measured:
     if ratio is not None and ratio < 1:
-      return Verdict("lazy", f"lazy by the seed's proof alone: {proof}; no twin_gap or"
+      return Verdict("lazy", f"lazy by the lecture's proof alone: {proof}; no twin_gap or"
                              " kernel_drift was logged to confirm it.")
     return Verdict("undetermined", "undetermined: neither twin_gap nor kernel_drift was logged"
                    + (f", and {proof}." if ratio is not None else "."))
@@ -68,6 +68,6 @@ def _proof_clause(ratio: float | None) -> str:
   if ratio is None:
     return ""
   if ratio < 1:
-    return f"lazy_radius_ratio = {ratio:.3g} < 1, inside the seed's radius B where lazy training is proved"
-  return (f"lazy_radius_ratio = {ratio:.3g} ≥ 1, beyond the seed's radius B, where its proof"
+    return f"lazy_radius_ratio = {ratio:.3g} < 1, inside the lecture's radius B where lazy training is proved"
+  return (f"lazy_radius_ratio = {ratio:.3g} ≥ 1, beyond the lecture's radius B, where its proof"
           " no longer applies")

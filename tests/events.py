@@ -1,19 +1,15 @@
-"""Reading back what the hook wrote (clu's writer stores scalars as tensors)."""
+"""Reading back what the hook wrote, with the package's own reader, and writing synthetic runs."""
 
-from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+
+from ntk_diag import report
 
 
 def read_scalars(workdir):
-  """``{tag: {step: value}}`` from the event files under ``workdir``."""
-  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
-  acc.Reload()
-  out = {}
-  for tag in acc.Tags()["tensors"]:
-    values = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)}
-    if all(v.ndim == 0 for v in values.values()):
-      out[tag] = {step: float(v) for step, v in values.items()}
-  return out
+  """``{tag: {step: value}}`` of the scalar tags in the event files of ``workdir``."""
+  return {tag: {int(step): float(v) for step, v in zip(steps, values)}
+          for tag, (steps, values) in report.read_tensors(workdir).items()
+          if all(v.ndim == 0 for v in values)}
 
 
 def write_scalars(logdir, series):

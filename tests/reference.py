@@ -72,7 +72,13 @@ def rel_err(actual, expected) -> float:
   return float(np.max(np.abs(actual - expected) / np.abs(expected)))
 
 
-def assert_close_fro(actual, expected, tol=2e-4):
+# Relative Frobenius error allowed for a float32 NTK against the float64 dense
+# reference: measured <= 1.8e-7 over every method, model and layout of
+# tests/test_ntk.py and tests/test_structured.py (2026-11-29), so ~50x margin.
+NTK_TOL = 1e-5
+
+
+def assert_close_fro(actual, expected, tol=NTK_TOL):
   err = rel_fro_error(actual, expected)
   assert err <= tol, f"relative Frobenius error {err:.3e} > {tol:.1e}"
 

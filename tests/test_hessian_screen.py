@@ -20,7 +20,10 @@ from ntk_diag import snapshot
 from reference import dense_hessians, rel_err
 
 SIZES = (3, 10, 10, 4)  # k = 4 outputs, P = 194
-TOL = 1e-2
+# With the snapshot's settings (20 iterations, tol=1e-3) power iteration on H²
+# stops before its tolerance: measured <= 6.0e-4 relative (cold start);
+# Lanczos reaches 8.2e-7 (2026-11-29).
+TOL = {"power": 1e-2, "lanczos": 1e-4}
 OPTIONS = dict(num_iters=20, tol=1e-3, return_vector=True)  # SnapshotConfig's defaults
 
 _core = jax.jit(norms.hessian_norm_core, static_argnames=(
@@ -57,17 +60,18 @@ def reference(which):
   return hess, np.abs(np.linalg.eigvalsh(hess)).max(axis=-1)
 
 
-def check_against_reference(est, hess, ref):
+def check_against_reference(est, hess, ref, method="power"):
+  tol = TOL[method]
   best = np.unravel_index(np.argmax(ref), ref.shape)
   assert best[0] != 0 and best[1] != 0  # the test's premise, on the reference alone
-  assert rel_err(est.value, ref.max()) <= TOL
+  assert rel_err(est.value, ref.max()) <= tol
   assert float(est.value) <= ref.max() * (1 + 1e-4)  # a lower bound
   assert np.all(np.asarray(est.per_problem) <= ref * (1 + 1e-4))
   assert np.all(np.asarray(est.per_example) <= ref.max(axis=1) * (1 + 1e-4))
-  assert rel_err(est.per_example[best[0]], ref[best]) <= TOL
+  assert rel_err(est.per_example[best[0]], ref[best]) <= tol
   # The refined vector is stored at the best problem: ‖H v‖ = |λ|_max there.
   v = np.asarray(ravel_pytree(jax.tree.map(lambda a: a[best], est.vector))[0], np.float64)
-  assert rel_err(np.linalg.norm(hess[best] @ v) / np.linalg.norm(v), ref.max()) <= TOL
+  assert rel_err(np.linalg.norm(hess[best] @ v) / np.linalg.norm(v), ref.max()) <= tol
 
 
 @pytest.mark.parametrize("method", ["power", "lanczos"])
@@ -83,7 +87,7 @@ def test_screened_norm_matches_dense_maximum(method, start):
     previous = _core(apply_fn, nearby, x, init_values=cold_values, **options)
     est = _core(apply_fn, params, x, init=previous.vector, init_values=previous.per_problem,
                 **options)
-  check_against_reference(est, hess, ref)
+  check_against_reference(est, hess, ref, method)
 
 
 def test_stale_warm_vector_of_the_top_problem_is_refined():
@@ -138,8 +142,8 @@ def test_snapshot_hessian_norm_cold_then_warm():
   run = snapshot.Snapshotter(spec, state, nearby, None)
   state, cold = run(state, nearby, None, 0)
   state, warm = run(state, params, None, 1)
-  assert rel_err(float(cold["hessian_norm"]), reference("nearby")[1][:n_hess].max()) <= TOL
-  assert rel_err(float(warm["hessian_norm"]), reference("params")[1][:n_hess].max()) <= TOL
+  assert rel_err(float(cold["hessian_norm"]), reference("nearby")[1][:n_hess].max()) <= TOL["power"]
+  assert rel_err(float(warm["hessian_norm"]), reference("params")[1][:n_hess].max()) <= TOL["power"]
 
 
 @pytest.mark.parametrize("value,error", [(0, ValueError), (-2, ValueError), (2.5, TypeError),

@@ -81,10 +81,11 @@ def reference_scalars(apply_fn, params, theta0, x, y, *, m, prev, twin=None):
   out["jacobian_norm"] = max(np.linalg.svd(jac[i], compute_uv=False)[0] for i in range(m))
   hessians = dense_hessians(apply_fn, params, x[:m])  # (m, k, P, P)
   out["hessian_norm"] = hessian_spectral_norms(hessians).max()
-  # Hessian of the mean loss ½‖f − y‖² over the m points: Gauss–Newton + residual term.
-  residual = f[:m] - np.asarray(y[:m], np.float64)
-  loss_hessian = (np.einsum("iap,iaq->pq", jac[:m], jac[:m])
-                  + np.einsum("ia,iapq->pq", residual, hessians)) / m
+  # Hessian of the mean loss ½‖f − y‖² over all n points: Gauss–Newton + residual term.
+  n = f.shape[0]
+  residual = f - np.asarray(y, np.float64)
+  loss_hessian = (np.einsum("iap,iaq->pq", jac, jac)
+                  + np.einsum("ia,iapq->pq", residual, dense_hessians(apply_fn, params, x))) / n
   out["sharpness"] = np.linalg.eigvalsh(loss_hessian)[-1]
   out["sharpness_lr"] = LEARNING_RATE * out["sharpness"]
   out["kappa"] = out["hessian_norm"] * out["residual_norm"] / out["jacobian_norm"] ** 2

@@ -1,4 +1,10 @@
-"""Eigensolvers on dense arrays and pytree operators, against ``numpy.linalg.eigh``."""
+"""Eigensolvers on dense arrays and pytree operators, against ``numpy.linalg.eigh``.
+
+A converged solve has a Ritz value within ``tol·|θ|`` of an eigenvalue, so
+eigenvalues are checked at the solvers' ``tol`` (default 1e-4; measured
+errors <= 2.3e-7 on every problem here), eigenvectors by their residual
+``‖A v − λ v‖ <= 2·tol·λ`` (measured 8.5e-5·λ: the stopping criterion itself).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +33,12 @@ def test_largest_eigenvalue_of_psd_matrix(method, as_callable, jit):
   operator = (lambda v: jnp.asarray(matrix) @ v) if as_callable else jnp.asarray(matrix)
   solve = lambda v0: spectral.top_eigenpair(operator, v0, method=method)
   result = (jax.jit(solve) if jit else solve)(start(60))
-  tol = {"power": 1e-2, "lanczos": 1e-4}[method]
+  tol = 1e-4  # the default `tol`
+  assert bool(result.converged)
   assert abs(float(result.value) / expected - 1) <= tol
   vec = np.asarray(result.vector, np.float64)
-  assert abs(np.linalg.norm(vec) - 1) <= 1e-4
-  assert np.linalg.norm(matrix @ vec - expected * vec) <= 0.1 * expected
+  assert abs(np.linalg.norm(vec) - 1) <= 1e-6  # measured 2.8e-8
+  assert np.linalg.norm(matrix @ vec - expected * vec) <= 2 * tol * expected
   if method == "lanczos":
     assert bool(result.converged) and float(result.residual) <= 1e-4 * expected
 
@@ -50,7 +57,8 @@ def test_pytree_operator_matches_dense(method):
   result = spectral.top_eigenpair(matvec, init, method=method, which="magnitude")
   assert jax.tree.structure(result.vector) == jax.tree.structure(template)
   expected = np.abs(np.linalg.eigvalsh(np.asarray(dense, np.float64))).max()
-  assert abs(float(result.value) / expected - 1) <= {"power": 1e-2, "lanczos": 1e-4}[method]
+  assert bool(result.converged)
+  assert abs(float(result.value) / expected - 1) <= 1e-4  # default tol; measured 7.3e-8
 
 
 def plus_minus(values):
@@ -72,7 +80,7 @@ def test_magnitude_converges_on_indefinite_spectra(method, top):
   result = spectral.top_eigenpair(operator, start(22), method=method, which="magnitude")
   expected = max(abs(t) for t in top)
   assert bool(result.converged)
-  assert abs(float(result.value) / expected - 1) <= 1e-3
+  assert abs(float(result.value) / expected - 1) <= 1e-4  # default tol; measured 2.3e-7
 
 
 def test_lanczos_largest_on_negative_definite_and_breakdown():
@@ -98,7 +106,7 @@ def test_vmap_over_operators():
   diags = jnp.array([[1.0, 4.0, 2.0], [7.0, 1.0, 3.0]])
   solve = lambda d, v0: spectral.top_eigenpair(lambda v: d * v, v0, num_iters=500).value
   values = jax.vmap(solve, (0, None))(diags, jnp.ones(3))
-  np.testing.assert_allclose(values, [4.0, 7.0], rtol=1e-3)
+  np.testing.assert_allclose(values, [4.0, 7.0], rtol=1e-4)  # default tol; measured 0
 
 
 def test_loop_pieces_at_module_level():

@@ -205,21 +205,22 @@ def test_no_structure_falls_back_to_jacobian():
       nd.empirical_ntk(apply_fn, params, x, method="jacobian"), rtol=1e-5)
 
 
-def test_layer_kernel_orders_agree():
+@pytest.mark.parametrize("gram_order", [True, False], ids=["gram", "jacobian"])
+def test_layer_kernel_orders_agree(gram_order, monkeypatch):
+  # A layer over 5 positions in 2 groups. Its sizes alone pick the Jacobian
+  # order, so each order is forced: (A1 A2ᵀ) ⊙ (G1 G2ᵀ) summed over every
+  # pair of positions (s, t), or the layer Jacobians Σ_s A_s ⊗ G_s contracted.
   a1, a2 = _inputs((3, 2, 5, 4), 0), _inputs((2, 2, 5, 4), 1)
   g1, g2 = _inputs((3, 3, 2, 5, 6), 2), _inputs((2, 3, 2, 5, 6), 3)
-  both = lambda *args: [structured._layer_kernel(*args, t) for t in (False, True)]
-  expected = [np.einsum(spec, *map(np.asarray, (a1, a2, g1, g2)))
+  n1, k, g, s, o = g1.shape
+  assert not structured._gram_order(n1, 2, k, g, s, s, 4, o, False)  # the premise
+  monkeypatch.setattr(structured, "_gram_order", lambda *args: gram_order)
+  expected = [np.einsum(spec, *(np.asarray(a, np.float64) for a in (a1, a2, g1, g2)))
               for spec in ("igsc,jgtc,iagso,jbgto->iajb", "igsc,jgtc,iagso,jagto->ij")]
-  gram = jax.jit(both)(a1, g1, a2, g2)
-  old = structured._MAX_GRAM_ELEMENTS
-  structured._MAX_GRAM_ELEMENTS = 0  # force the Jacobian order
-  try:
-    jac = jax.jit(both)(a1, g1, a2, g2)
-  finally:
-    structured._MAX_GRAM_ELEMENTS = old
-  for got in (*gram, *jac):
-    assert_close_fro(got, expected[got.ndim == 2])
+  for trace_outputs in (False, True):
+    got = jax.jit(functools.partial(structured._layer_kernel, trace_outputs=trace_outputs))(
+        a1, g1, a2, g2)
+    assert_close_fro(got, expected[trace_outputs])
 
 
 def test_memory_budget_blocks_structured_kernel():
