@@ -376,10 +376,10 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     if scalars.get("nonfinite"):
       self._warn_once("nonfinite", f"ntk_diag: non-finite values at step {step} (NaN/Inf in "
                       "params or outputs); logging them with ntk_diag/nonfinite = 1.")
-    images = (self._log_images and self._is_writer
-              and self._snapshots % self._images_every == 0)
+    images = self._log_images and self._snapshots % self._images_every == 0
     kernel = None
-    if images and self._run.state.prev_kernel is not None:  # replicated: a local copy
+    if images and self._is_writer and self._run.state.prev_kernel is not None:
+      # Replicated: a local copy, on the process that writes the images.
       kernel = np.asarray(jax.device_get(self._run.state.prev_kernel))
     self._snapshots += 1
     self.last = SnapshotResult(step=step, scalars=scalars, eigenvalues=eigenvalues, kernel=kernel)
