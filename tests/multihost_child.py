@@ -84,9 +84,8 @@ def params_at(theta0, direction, step):
 
 
 def pure_diagnostics(apply_fn, params0, params1, x, y):
-  """The pure functions on ``(params, x, y)``, as host numpy (gathered on every process)."""
+  """The pure functions on ``(params, x, y)``: ``{name: array}``."""
   import ntk_diag as nd
-  from ntk_diag import _placement
 
   options = dict(num_iters=NUM_ITERS, tol=TOL)
   kernel = nd.empirical_ntk(apply_fn, params1, x)
@@ -110,7 +109,13 @@ def pure_diagnostics(apply_fn, params0, params1, x, y):
       "kernel_predictor/test": predict(t=5.0, k_test_train=test_train),
   }
   out.update({f"kernel_stats/{name}": value for name, value in stats.items()})
-  return {name: _placement.to_host(value).tolist() for name, value in out.items()}
+  return out
+
+
+def to_lists(values):
+  """``{name: array}`` as JSON-able nested lists, gathered to every process."""
+  from ntk_diag import _placement
+  return {name: _placement.to_host(value).tolist() for name, value in values.items()}
 
 
 def hook_options():
@@ -158,8 +163,9 @@ def main(process_id, port, workdir, phase, data_path, out_path):
       if "backend_compile" in event else None)
 
   if phase == "fresh":
-    out["pure"] = pure_diagnostics(apply_fn, fsdp(theta0), fsdp(params_at(theta0, direction, 1)),
-                                   x, y)
+    pure = pure_diagnostics(apply_fn, fsdp(theta0), fsdp(params_at(theta0, direction, 1)), x, y)
+    out["pure"] = to_lists(pure)
+    out["scalars_replicated"] = all(v.is_fully_replicated for v in pure.values() if v.ndim == 0)
     log("pure functions")
     hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, **options)
     out["hook"], out["kernel"], out["compiles"] = {}, None, []

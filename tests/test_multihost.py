@@ -77,8 +77,8 @@ def _finish(procs, deadline):
 def _reference_fresh(data, workdir):
   """The pure functions and the hook at the fresh steps, in this process, on one device."""
   apply_fn, theta0, direction, x, y = child.load_data(data)
-  out = {"pure": child.pure_diagnostics(apply_fn, _on_device(theta0),
-                                        _on_device(child.params_at(theta0, direction, 1)), x, y)}
+  out = {"pure": child.to_lists(child.pure_diagnostics(
+      apply_fn, _on_device(theta0), _on_device(child.params_at(theta0, direction, 1)), x, y))}
   hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, writer=_NullWriter(),
                              **child.hook_options())
   out["hook"] = {}
@@ -156,7 +156,8 @@ def test_two_processes_match_one_process(tmp_path):
   for out in fresh:
     assert out["compiles"][0].count("jit(_snapshot_entry)") == 1, out["compiles"][0]
     assert out["compiles"][1:] == [[], []]
-  # Every process got the same (replicated) values.
+  # Every process got the same values; the pure functions' scalars come back replicated.
+  assert fresh[0]["scalars_replicated"] and fresh[1]["scalars_replicated"]
   assert fresh[0]["pure"] == fresh[1]["pure"] and fresh[0]["hook"] == fresh[1]["hook"]
   assert resumed[0]["hook"] == resumed[1]["hook"]
   got = {f"pure/{name}": value for name, value in fresh[0]["pure"].items()}
