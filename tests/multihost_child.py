@@ -189,8 +189,8 @@ def main(process_id, port, workdir, phase, data_path, out_path):
     except ValueError as error:
       out["refused"] = "another run" in str(error)
     log("refused")
-    hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, compute_ntk=False,
-                               compute_norms=False, **options)
+    # Kernel and twin tags: the kernel's drift is measured from the restored K0.
+    hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, compute_norms=False, **options)
     assert hook(RESUME_STEP, params=fsdp(params_at(theta0, direction, RESUME_STEP)))
     out["hook"] = {RESUME_STEP: hook.last.scalars}
     log(f"resumed at step {RESUME_STEP}")

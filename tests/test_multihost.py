@@ -93,7 +93,7 @@ def _reference_fresh(data, workdir):
 def _reference_resume(data, workdir):
   apply_fn, theta0, direction, x, y = child.load_data(data)
   hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, writer=_NullWriter(),
-                             compute_ntk=False, compute_norms=False, **child.hook_options())
+                             compute_norms=False, **child.hook_options())
   step = child.RESUME_STEP
   hook(step, params=_on_device(child.params_at(theta0, direction, step)))
   return {str(step): hook.last.scalars}
