@@ -76,10 +76,15 @@ def leading_size(name: str, x: Any) -> int:
   return int(n)
 
 
+def dtype_of(value: Any) -> np.dtype:
+  """The dtype of an array or array-like, without reading the data (an array
+  spanning other processes' devices cannot be read)."""
+  return np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+
+
 def example_signature(x: Any) -> Any:
   """Per-example shapes and dtypes of a batch (the batch axis removed)."""
-  return jax.tree.map(
-      lambda leaf: (tuple(np.shape(leaf)[1:]), np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))), x)
+  return jax.tree.map(lambda leaf: (tuple(np.shape(leaf)[1:]), dtype_of(leaf)), x)
 
 
 def check_same_features(name1: str, x1: Any, name2: str, x2: Any) -> None:

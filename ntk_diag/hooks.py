@@ -22,6 +22,7 @@ from clu import metric_writers
 from clu import periodic_actions
 
 from ntk_diag import _model
+from ntk_diag import _placement
 from ntk_diag import _validation
 from ntk_diag import checkpoint
 from ntk_diag import losses
@@ -41,7 +42,8 @@ class SnapshotResult:
     step: training step of the snapshot.
     scalars: every logged scalar, keyed by tag without the ``ntk_diag/`` prefix.
     eigenvalues: NTK eigenvalues on the probe set, descending (or ``None``).
-    kernel: the NTK on the probe set when it was fetched for the images (or ``None``).
+    kernel: the NTK on the probe set when it was fetched for the images, on
+      the process that writes them (process 0), or ``None``.
   """
   step: int
   scalars: dict[str, float]
@@ -233,7 +235,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
 
   @property
   def initial_params(self) -> PyTree:
-    """θ0 (restored from ``workdir`` on a resumed run)."""
+    """θ0 (restored from ``workdir`` on a resumed run), on the devices and
+    shardings of the first call's params (global arrays in a multi-process run)."""
     if self._run is None:
       raise RuntimeError("θ0 is known after the first call of the hook.")
     return self._run.state.theta0
@@ -291,9 +294,10 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     theta0, model_state0, probe_x, probe_y, kernel0, step0 = (
         params, model_state, x, self._probe_y, None, step)
     restored = None
-    if checkpoint.has_initial_state(self._workdir):
-      restored = checkpoint.restore_initial_state(self._workdir, params, model_state)
-      if step <= restored.step and not _same_values(params, restored.params):
+    if _has_checkpoint(self._workdir, step):
+      restored = checkpoint.restore_initial_state(self._workdir, params, model_state,
+                                                  like_probe_x=x)
+      if step <= restored.step and not _placement.trees_equal(params, restored.params):
         path = checkpoint.checkpoint_path(self._workdir)
         raise ValueError(
             f"`workdir`={self._workdir!r} holds θ0 of another run: it was saved at step "
@@ -303,11 +307,16 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
       theta0, model_state0, probe_x, step0 = (restored.params, restored.model_state,
                                               restored.probe_x, restored.step)
       probe_y, kernel0 = restored.probe_y, restored.kernel0
-    # Private device copies, placed like this call's arrays: the training step
-    # may donate the caller's buffers.
-    theta0 = _place(theta0, params)
-    model_state0 = _place(model_state0, model_state) if with_model_state else None
-    prepared_y = np.asarray(losses.prepare_targets(self._loss, np.asarray(probe_y), (n,) + out_shape))
+    # Private device copies, placed like this call's arrays (the training step
+    # may donate the caller's buffers); host values on a replicated sharding.
+    host_sharding = _placement.reference_sharding(params, model_state, x, self._probe_y)
+    like = lambda tree: jax.tree.map(lambda a: _placement.sharding_or(a, host_sharding), tree)
+    theta0 = _placement.put(theta0, like(params), copy=True)
+    model_state0 = (_placement.put(model_state0, like(model_state), copy=True)
+                    if with_model_state else None)
+    prepared_y = losses.prepare_targets(self._loss, _host_unless_global(probe_y), (n,) + out_shape)
+    if not _placement.is_global(prepared_y):
+      prepared_y = np.asarray(prepared_y)
     state = snapshot_lib.initial_state(spec, theta0, model_state0, probe_x, prepared_y,
                                        step=step0, kernel0=kernel0)
     snapshotter = snapshot_lib.Snapshotter(spec, state, params, model_state)
@@ -357,7 +366,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
 
   def _record(self, step: int, metrics: dict[str, jax.Array], start: float) -> None:
     eigenvalues = metrics.pop("eigenvalues", None)
-    host = jax.device_get((metrics, eigenvalues))
+    host = _placement.to_host((metrics, eigenvalues))  # replicated: a local copy
     scalars = {name: float(value) for name, value in host[0].items()}
     eigenvalues = None if host[1] is None else np.asarray(host[1])
     scalars["failed"] = float(self._failures)
@@ -369,7 +378,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
                       "params or outputs); logging them with ntk_diag/nonfinite = 1.")
     images = self._log_images and self._snapshots % self._images_every == 0
     kernel = None
-    if images and self._run.state.prev_kernel is not None:
+    if images and self._is_writer and self._run.state.prev_kernel is not None:
+      # Replicated: a local copy, on the process that writes the images.
       kernel = np.asarray(jax.device_get(self._run.state.prev_kernel))
     self._snapshots += 1
     self.last = SnapshotResult(step=step, scalars=scalars, eigenvalues=eigenvalues, kernel=kernel)
@@ -445,7 +455,8 @@ def _is_replicated(tree: PyTree) -> bool:
   if count < 2 or not leaves:
     return False
   for leaf in leaves:
-    if not isinstance(leaf, jax.Array) or leaf.ndim == 0 or leaf.shape[0] != count:
+    if (not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable or leaf.ndim == 0
+        or leaf.shape[0] != count):
       return False
     shards = leaf.addressable_shards
     if len(shards) != count or any(shard.data.shape[0] != 1 for shard in shards):
@@ -467,17 +478,29 @@ def _unreplicate(tree: PyTree, replicated: bool | None = None) -> tuple[PyTree, 
   return tree, replicated
 
 
-def _place(host_or_device: PyTree, like: PyTree) -> PyTree:
-  """A private copy of ``host_or_device`` on the devices and shardings of ``like``."""
-  host = jax.device_get(host_or_device)
-  return jax.tree.map(lambda h, a: jax.device_put(np.array(h, copy=True), a.sharding)
-                      if isinstance(a, jax.Array) else np.array(h, copy=True), host, like)
+def _host_unless_global(tree: PyTree) -> PyTree:
+  """``tree`` on the host, except arrays spanning several processes' devices."""
+  return jax.tree.map(lambda a: a if _placement.is_global(a) else np.asarray(jax.device_get(a)), tree)
 
 
-def _same_values(tree: PyTree, saved: PyTree) -> bool:
-  """Bitwise equality of two trees of the same structure (host comparison)."""
-  a, b = jax.device_get((jax.tree.leaves(tree), jax.tree.leaves(saved)))
-  return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b))
+def _has_checkpoint(workdir: str, step: int) -> bool:
+  """Whether ``workdir`` holds θ0: on several processes, process 0's answer,
+  after checking that every process starts at ``step`` and sees the same workdir."""
+  found = checkpoint.has_initial_state(workdir)
+  if jax.process_count() == 1:
+    return found
+  from jax.experimental import multihost_utils
+  seen = np.asarray(multihost_utils.process_allgather(np.asarray([step, found], np.int32)))
+  if np.any(seen[:, 0] != seen[0, 0]):
+    raise ValueError(
+        f"Every process must call the hook at every step with the same `step`; its first call "
+        f"was at steps {seen[:, 0].tolist()} on processes 0..{len(seen) - 1}.")
+  if np.any(seen[:, 1] != seen[0, 1]):
+    raise ValueError(
+        f"`workdir`={workdir!r} must be one directory shared by every process (a shared "
+        f"filesystem): the θ0 checkpoint {checkpoint.checkpoint_path(workdir)} is visible to "
+        f"processes {np.flatnonzero(seen[:, 1]).tolist()} only.")
+  return bool(seen[0, 1])
 
 
 def _startup_error(error: Exception, with_model_state: bool) -> Exception:

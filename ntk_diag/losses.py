@@ -71,7 +71,7 @@ def check_targets(name: str, y: Any, loss: LossLike, output_shape: tuple[int, ..
           "`loss='softmax_cross_entropy'` needs outputs with a class axis, (n, ..., classes);"
           f" the model returns shape {tuple(output_shape)}.")
     if uses_labels(loss, y_shape, output_shape):
-      dtype = np.dtype(getattr(y, "dtype", np.asarray(y).dtype))
+      dtype = _validation.dtype_of(y)
       if not np.issubdtype(dtype, np.integer):
         raise TypeError(
             f"`{name}` of shape {y_shape} is read as class labels for logits of shape"

@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 
 from ntk_diag import _layout
+from ntk_diag import _placement
 from ntk_diag import _validation
 from ntk_diag import losses
 
@@ -84,7 +85,9 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
   but singular (``λ_min ≤ tol``, e.g. duplicated training points) is fine at
   finite ``t``; ``predict(t=None)`` then raises ``ValueError`` suggesting a
   ``ridge``. When ``kernel_predictor`` is itself traced (called inside
-  ``jax.jit``) these checks are skipped.
+  ``jax.jit``) these checks are skipped. A kernel sharded across processes
+  (``jax.distributed``) is gathered to each process for them: every process
+  must construct the predictor, as for any computation on global arrays.
 
   Args:
     k_train_train: ``(n, n, k, k)`` or ``(n, n)`` kernel on the training inputs.
@@ -418,11 +421,14 @@ def _check_time(t: Any) -> Any:
 
 
 def _check_spectrum(matrix: jax.Array, ridge: float, dtype: jnp.dtype) -> dict | None:
-  """Host-side float64 checks of ``matrix + ridge·I``; None when traced."""
-  try:
-    host = np.asarray(matrix, dtype=np.float64)
-  except jax.errors.TracerArrayConversionError:
+  """Host-side float64 checks of ``matrix + ridge·I``; None when traced.
+
+  A matrix sharded across processes is gathered to every process first (a
+  collective: every process constructs the predictor).
+  """
+  if isinstance(matrix, jax.core.Tracer):
     return None
+  host = np.asarray(_placement.to_host(matrix), dtype=np.float64)
   if not np.all(np.isfinite(host)):
     raise ValueError("`k_train_train` contains NaN or infinite entries.")
   eps = float(jnp.finfo(dtype).eps)

@@ -49,6 +49,7 @@ from jax import lax
 
 from ntk_diag import _layout
 from ntk_diag import _model
+from ntk_diag import _placement
 from ntk_diag import _tree
 from ntk_diag import _validation
 from ntk_diag import losses
@@ -392,14 +393,23 @@ def _select(keep: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 class Snapshotter:
   """:func:`snapshot` compiled once for a run, with the shardings of its first call.
 
-  Later calls place their arguments on those shardings (``jax.device_put``,
-  a no-op when they already match), so params of any sharding never
-  recompile it.
+  The state's device arrays keep their shardings; its host values go on a
+  replicated sharding over the devices of the first committed argument,
+  except the warm-start vectors, which are sharded like θ0's leaves (see
+  :func:`state_shardings`). The compiled snapshot returns its state on those
+  same shardings and its metrics replicated, so the state never moves between
+  calls and every process can fetch the metrics (a multi-process run included).
+  Later calls place their arguments on the input shardings (a no-op when they
+  already match), so params of any sharding never recompile it.
   """
 
   def __init__(self, spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree):
     self.spec = spec
-    self._fn = jax.jit(functools.partial(_snapshot_entry, spec))
+    replicated = _placement.reference_sharding(params, model_state, state)
+    shardings = state_shardings(state, replicated)
+    self._fn = jax.jit(functools.partial(_snapshot_entry, spec),
+                       out_shardings=(shardings, replicated))
+    state = _placement.put(state, shardings)
     args = (state, params, model_state, np.asarray(0, np.int32), params, np.asarray(False))
     self._compiled = self._fn.lower(*args).compile()
     self._shardings = self._compiled.input_shardings[0]
@@ -409,8 +419,27 @@ class Snapshotter:
     has_twin = twin_params is not None
     args = (state, params, model_state, np.asarray(step, np.int32),
             state.theta0 if twin_params is None else twin_params, np.asarray(has_twin))
-    args = jax.device_put(args, self._shardings)
-    return self._compiled(*args)
+    return self._compiled(*_placement.put(args, self._shardings))
+
+
+def state_shardings(state: DiagState, replicated: jax.sharding.Sharding) -> DiagState:
+  """Where each leaf of ``state`` lives: a committed array where it is, a
+  warm-start vector (a stack of parameter-shaped arrays) sharded like its θ0
+  leaf with unsharded stack axes, anything else on ``replicated``."""
+  where = lambda leaf: _placement.sharding_or(leaf, replicated)
+  theta0 = jax.tree.map(where, state.theta0)
+
+  def stacked(vectors: PyTree, num_axes: int) -> PyTree:
+    if vectors is None:
+      return None
+    return jax.tree.map(
+        lambda v, s: _placement.sharding_or(v, _placement.with_batch_axes(s, num_axes, replicated)),
+        vectors, theta0)
+
+  return dataclasses.replace(
+      jax.tree.map(where, state), jacobian_vectors=stacked(state.jacobian_vectors, 1),
+      hessian_vectors=stacked(state.hessian_vectors, 2),
+      sharpness_vector=stacked(state.sharpness_vector, 0))
 
 
 def _snapshot_entry(spec, state, params, model_state, step, twin_params, has_twin):
