@@ -124,3 +124,8 @@ def to_host(tree: PyTree) -> PyTree:
       return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(jax.device_get(leaf))
   return jax.tree.map(fetch, tree)
+
+
+def host_unless_global(tree: PyTree) -> PyTree:
+  """``tree`` on the host, except arrays spanning several processes' devices."""
+  return jax.tree.map(lambda a: a if is_global(a) else np.asarray(jax.device_get(a)), tree)

@@ -10,7 +10,6 @@ writes the results through a CLU ``MetricWriter``.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import time
 import warnings
@@ -21,6 +20,7 @@ import numpy as np
 from clu import metric_writers
 from clu import periodic_actions
 
+from ntk_diag import _loop_inputs
 from ntk_diag import _model
 from ntk_diag import _placement
 from ntk_diag import _validation
@@ -219,19 +219,24 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     """
     if self._run is None:
       # Start-up: misconfiguration raises here, naming the fix.
-      step = _as_step(step)
-      self._run = self._start(step, **_inputs(params, model, model_state, twin_params))
+      step = _loop_inputs.as_step(step)
+      self._run = self._start(step, _loop_inputs.call_inputs(params, model, model_state, twin_params))
     else:
       try:
-        step = _as_step(step)
+        step = _loop_inputs.as_step(step)
       except TypeError as error:
         self._fail(step, "the call was ignored", error)
         return False
-    self._inputs = (params, model, model_state, twin_params)
-    try:
-      return super().__call__(step, self._clock() if t is None else t)
-    finally:
-      self._inputs = None
+    # clu's template, with this call's model passed through to `_apply` (as
+    # clu's PeriodicCallback passes its kwargs).
+    t = self._clock() if t is None else t
+    self._init_and_check(step, t)
+    if not self._should_trigger(step, t):
+      return False
+    self._apply(step, t, params=params, model=model, model_state=model_state,
+                twin_params=twin_params)
+    self._after_apply(step, t)
+    return True
 
   @property
   def initial_params(self) -> PyTree:
@@ -262,21 +267,21 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     self._deferred = projected > self._max_overhead
     return not self._deferred
 
-  def _apply(self, step: int, t: float) -> None:
+  def _apply(self, step: int, t: float, **call: Any) -> None:
     start = self._clock()
     computed = []
     self._guarded(step, "snapshot failed and was skipped",
-                  lambda: computed.append(self._snapshot(step, start)))
+                  lambda: computed.append(self._snapshot(step, start, **call)))
     cost = self._clock() - start
     self._spent += cost
     if computed and computed[0]:
       self._last_cost = cost
 
   # ---------------------------------------------------------------- start-up
-  def _start(self, step: int, *, params: PyTree, model_state: PyTree, twin_params: PyTree) -> _Run:
-    del twin_params
-    params, replicated = _unreplicate(params)
-    model_state = _unreplicate(model_state, replicated)[0] if model_state is not None else None
+  def _start(self, step: int, inputs: _loop_inputs.CallInputs) -> _Run:
+    replicated = _loop_inputs.is_pmap_replicated(inputs.params)
+    inputs = inputs.unreplicated(replicated)
+    params, model_state = inputs.params, inputs.model_state
     with_model_state = model_state is not None
     x = self._probe_x
     n = _validation.leading_size("probe_x", x)
@@ -294,7 +299,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     theta0, model_state0, probe_x, probe_y, kernel0, step0 = (
         params, model_state, x, self._probe_y, None, step)
     restored = None
-    if _has_checkpoint(self._workdir, step):
+    if _loop_inputs.has_checkpoint(self._workdir, step):
       restored = checkpoint.restore_initial_state(self._workdir, params, model_state,
                                                   like_probe_x=x)
       if step <= restored.step and not _placement.trees_equal(params, restored.params):
@@ -314,7 +319,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     theta0 = _placement.put(theta0, like(params), copy=True)
     model_state0 = (_placement.put(model_state0, like(model_state), copy=True)
                     if with_model_state else None)
-    prepared_y = losses.prepare_targets(self._loss, _host_unless_global(probe_y), (n,) + out_shape)
+    prepared_y = losses.prepare_targets(self._loss, _placement.host_unless_global(probe_y), (n,) + out_shape)
     if not _placement.is_global(prepared_y):
       prepared_y = np.asarray(prepared_y)
     state = snapshot_lib.initial_state(spec, theta0, model_state0, probe_x, prepared_y,
@@ -341,25 +346,25 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     try:
       return _model.example_output_shape(fn, params, x)
     except Exception as error:
-      raise _startup_error(error, model_state is not None) from error
+      raise _loop_inputs.startup_error(error, model_state is not None) from error
 
   # --------------------------------------------------------------- snapshots
-  def _snapshot(self, step: int, start: float) -> bool:
+  def _snapshot(self, step: int, start: float, **call: Any) -> bool:
     """Takes (or logs the start-up) snapshot; returns whether one was computed."""
     run = self._run
-    inputs = _inputs(*self._inputs)
+    inputs = _loop_inputs.call_inputs(**call)
     computed = not (run.pending is not None and run.pending[0] == step)
     if not computed:
       metrics = run.pending[1]  # the start-up snapshot at θ0
     else:
-      params, model_state, twin_params = (_unreplicate(inputs[name], run.replicated)[0]
-                                          for name in ("params", "model_state", "twin_params"))
-      if run.with_model_state != (model_state is not None):
+      model = inputs.unreplicated(run.replicated)
+      if run.with_model_state != (model.model_state is not None):
         raise ValueError("Pass `model_state` at every call or at none (it was "
                          f"{'given' if run.with_model_state else 'not given'} at the first call).")
-      run.state, metrics = run.snapshotter(run.state, params, model_state, step, twin_params)
+      run.state, metrics = run.snapshotter(run.state, model.params, model.model_state, step,
+                                           model.twin_params)
     run.pending = None
-    if inputs["twin_params"] is None:
+    if inputs.twin_params is None:
       metrics = {name: v for name, v in metrics.items() if name not in _TWIN_TAGS}
     self._record(step, metrics, start)
     return computed
@@ -417,118 +422,3 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     if not self._is_writer:
       return
     tb_logging.write_snapshot(self._writer, step, scalars, eigenvalues, kernel)
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def _as_step(step: Any) -> int:
-  """A Python int from an int or an integer scalar array (``TrainState.step``)."""
-  if isinstance(step, (bool, np.bool_)):
-    raise TypeError(f"`step` must be an integer; got {step!r}.")
-  if isinstance(step, numbers.Integral):
-    return int(step)
-  dtype = getattr(step, "dtype", None)
-  if dtype is not None and np.ndim(step) == 0 and np.issubdtype(np.dtype(dtype), np.integer):
-    return int(step)
-  raise TypeError(
-      f"`step` must be an integer scalar (a Python int or an integer array of shape ());"
-      f" got {type(step).__name__} {getattr(step, 'shape', '')} {dtype or ''}.")
-
-
-def _inputs(params: PyTree, model: Any, model_state: PyTree, twin_params: PyTree) -> dict:
-  """``{params, model_state, twin_params}`` of one call (from ``model`` for NNX)."""
-  if (params is None) == (model is None):
-    raise TypeError("Pass exactly one of `params=` (a params pytree) or `model=` (an nnx.Module).")
-  if model is not None:
-    from ntk_diag import adapters
-    if model_state is not None:
-      raise TypeError("With `model=` the model state is read from the model: drop `model_state=`.")
-    _, params, model_state, _ = adapters.nnx_split(model)
-  return dict(params=params, model_state=model_state, twin_params=twin_params)
-
-
-def _is_replicated(tree: PyTree) -> bool:
-  """Whether every leaf is a pmap replica stack: one ``(1, ...)`` shard per local device."""
-  count = jax.local_device_count()
-  leaves = jax.tree.leaves(tree)
-  if count < 2 or not leaves:
-    return False
-  for leaf in leaves:
-    if (not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable or leaf.ndim == 0
-        or leaf.shape[0] != count):
-      return False
-    shards = leaf.addressable_shards
-    if len(shards) != count or any(shard.data.shape[0] != 1 for shard in shards):
-      return False
-  return True
-
-
-def _unreplicate(tree: PyTree, replicated: bool | None = None) -> tuple[PyTree, bool]:
-  """``(tree, replicated)`` with pmap replicas reduced to the first one.
-
-  ``replicated=None`` detects it (at start-up); later calls pass the start-up answer.
-  """
-  if tree is None:
-    return None, bool(replicated)
-  if replicated is None:
-    replicated = _is_replicated(tree)
-  if replicated:
-    tree = jax.tree.map(lambda a: a.addressable_shards[0].data.reshape(a.shape[1:]), tree)
-  return tree, replicated
-
-
-def _host_unless_global(tree: PyTree) -> PyTree:
-  """``tree`` on the host, except arrays spanning several processes' devices."""
-  return jax.tree.map(lambda a: a if _placement.is_global(a) else np.asarray(jax.device_get(a)), tree)
-
-
-def _has_checkpoint(workdir: str, step: int) -> bool:
-  """Whether ``workdir`` holds θ0: on several processes, process 0's answer,
-  after checking that every process starts at ``step`` and sees the same workdir."""
-  found = checkpoint.has_initial_state(workdir)
-  if jax.process_count() == 1:
-    return found
-  from jax.experimental import multihost_utils
-  seen = np.asarray(multihost_utils.process_allgather(np.asarray([step, found], np.int32)))
-  if np.any(seen[:, 0] != seen[0, 0]):
-    raise ValueError(
-        f"Every process must call the hook at every step with the same `step`; its first call "
-        f"was at steps {seen[:, 0].tolist()} on processes 0..{len(seen) - 1}.")
-  if np.any(seen[:, 1] != seen[0, 1]):
-    raise ValueError(
-        f"`workdir`={workdir!r} must be one directory shared by every process (a shared "
-        f"filesystem): the θ0 checkpoint {checkpoint.checkpoint_path(workdir)} is visible to "
-        f"processes {np.flatnonzero(seen[:, 1]).tolist()} only.")
-  return bool(seen[0, 1])
-
-
-def _startup_error(error: Exception, with_model_state: bool) -> Exception:
-  """The error of an ``apply_fn`` that fails at start-up, with what to change."""
-  call = "apply_fn(params, probe_x" + (", model_state)" if with_model_state else ")")
-  text = f"{type(error).__name__}: {error}"
-  hints = []
-  lowered = text.lower()
-  if "rng" in lowered or "dropout" in lowered or "prng" in lowered:
-    hints.append("the model asks for `rngs` (random numbers, e.g. for Dropout): the hook "
-                 "evaluates it deterministically, without rngs; build apply_fn with "
-                 "nd.from_linen(model, variables, train=False) or nd.from_nnx(model) (eval "
-                 "mode), or pass deterministic=True")
-  if "mutable" in lowered or "batch_stats" in lowered:
-    hints.append("the model updates its statistics: apply it in inference mode, e.g. "
-                 "nd.from_linen(model, variables, train=False), and pass "
-                 "model_state={'batch_stats': state.batch_stats} to the hook")
-  if "argument" in lowered or "keyword" in lowered:
-    hints.append("the model may take its input as a keyword, e.g. apply_fn = "
-                 "lambda params, x: model.apply({'params': params}, inputs=x, train=False) "
-                 "(nd.from_linen does this for a keyword-only `inputs`)")
-  if with_model_state and ("positional" in lowered or "argument" in lowered):
-    hints.append("with `model_state=` the hook calls apply_fn(params, x, model_state): "
-                 "nd.from_linen and nd.from_nnx build such an apply_fn")
-  if not hints:
-    hints.append("the hook calls it in inference mode with only params"
-                 + (" and model_state" if with_model_state else "") +
-                 ": build apply_fn with nd.from_linen(model, variables, train=False) or "
-                 "nd.from_nnx(model)")
-  message = f"The hook cannot evaluate the model: {call} raised {text}. To fix: " + "; ".join(hints) + "."
-  return (TypeError if isinstance(error, TypeError) else ValueError)(message)
