@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 import ntk_diag as nd
+from models import MLP
 
 _COMPILES = []
 
@@ -32,13 +32,6 @@ def compiles_of(fn, *args, **kwargs):
   return len(_COMPILES) - before
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = nn.tanh(nn.Dense(8)(x))
-    return nn.Dense(2)(h)
-
-
 def elementwise(params, x):
   """No Dense/Conv layer: ``method="auto"`` takes the FLOP-estimate path."""
   return jnp.tanh(x * params["w"] + params["b"])
@@ -48,7 +41,7 @@ def elementwise(params, x):
 def two():
   """Two sets of (params, x, y, x_test) with the same shapes, different values."""
   x = jax.random.normal(jax.random.key(0), (6, 3))
-  model = MLP()
+  model = MLP(hidden=(8,), out=2)
   apply_fn, params = nd.from_linen(model, model.init(jax.random.key(1), x))
   first = dict(params=params, x=x, y=jax.random.normal(jax.random.key(2), (6, 2)),
                x_test=x[:3] + 1.0)

@@ -9,7 +9,6 @@ compared with the package's own functions.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from jax.flatten_util import ravel_pytree

@@ -1,6 +1,5 @@
 """nd.linearize: f_lin(θ0) = f(θ0) and f_lin(θ0 + δ) = f(θ0) + J δ (dense Jacobian reference)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,24 +8,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import ntk_diag as nd
-
-
-class LinenMLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(16)(x))
-    return nn.Dense(3)(x)
-
-
-class NnxMLP(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(4, 16, rngs=rngs)
-    self.l2 = nnx.Linear(16, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(jnp.tanh(self.l1(x)))
+from models import MLP
+from models import NNXMLP
 
 
 def _raw_model():
@@ -43,10 +26,10 @@ def _raw_model():
 def _model(kind):
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
   if kind == "linen":
-    module = LinenMLP()
+    module = MLP(hidden=(16,), out=3)
     apply_fn, params = nd.from_linen(module, module.init(jax.random.PRNGKey(1), x))
   elif kind == "nnx":
-    apply_fn, params = nd.from_nnx(NnxMLP(nnx.Rngs(2)))
+    apply_fn, params = nd.from_nnx(NNXMLP(4, 16, 2, rngs=nnx.Rngs(2)))
   else:
     apply_fn, params = _raw_model()
   return apply_fn, params, x

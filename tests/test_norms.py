@@ -9,7 +9,6 @@ where power iteration on H² stops unconverged at ``num_iters=100``).
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 from flax import nnx
 
 import ntk_diag as nd
+from models import MLP
 from ntk_diag import norms
 from reference import dense_hessians, dense_jacobian, rel_err
 
@@ -38,14 +38,6 @@ def seed_network(width, dim=3, activation=jnp.tanh, seed=0):
   return apply_fn, params
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(12)(x))
-    x = jnp.tanh(nn.Dense(12)(x))
-    return nn.Dense(3)(x)
-
-
 class WideHead(nnx.Module):
   """70 outputs: above GRAM_MAX_OUTPUTS, so per-example norms are matrix-free."""
 
@@ -63,7 +55,7 @@ def model(name):
   if name == "seed":
     apply_fn, params = seed_network(48)
   elif name == "linen":
-    module = MLP()
+    module = MLP(hidden=(12, 12), out=3)
     apply_fn, params = nd.from_linen(module, module.init(jax.random.PRNGKey(1), x))
   else:
     apply_fn, params = nd.from_nnx(WideHead(nnx.Rngs(2)))

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import ntk_diag as nd
+from models import MLP
 from reference import assert_close_fro, dense_jacobian, dense_ntk, ntk_from_jacobians
 
 METHODS = ("jacobian", "ntk_vp", "structured", "auto")
@@ -25,17 +26,6 @@ N1, N2 = 5, 3
 # --------------------------------------------------------------------------
 # Models: each builder returns (apply_fn, params, x1, x2) with x2 != x1.
 # --------------------------------------------------------------------------
-
-class MLP(nn.Module):
-  features: tuple = (16, 8)
-  out: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    for f in self.features:
-      x = nn.tanh(nn.Dense(f)(x))
-    return nn.Dense(self.out)(x)
-
 
 class ConvNet(nn.Module):
 
@@ -121,7 +111,7 @@ def _linen(module, x1, x2, **kwargs):
 
 
 def build_mlp():
-  return _linen(MLP(), _normal(1, (N1, 4)), _normal(2, (N2, 4)))
+  return _linen(MLP(hidden=(16, 8), out=3), _normal(1, (N1, 4)), _normal(2, (N2, 4)))
 
 
 def build_conv():

@@ -2,27 +2,17 @@
 
 import importlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ntk_diag as nd
+from models import MLP
 
 predict_module = importlib.import_module("ntk_diag.predict")
 
 N_TRAIN, N_TEST, K_OUT = 6, 5, 3
-
-
-class MLP(nn.Module):
-  features: int = K_OUT
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(32)(x))
-    out = nn.Dense(self.features)(x)
-    return out[:, 0] if self.features == 1 else out
 
 
 def _problem(features=K_OUT, seed=0):
@@ -31,7 +21,7 @@ def _problem(features=K_OUT, seed=0):
   x_test = jax.random.normal(kt, (N_TEST, 4))
   y_shape = (N_TRAIN,) if features == 1 else (N_TRAIN, features)
   y = jax.random.normal(ky, y_shape)
-  module = MLP(features)
+  module = MLP(hidden=(32,), out=features, squeeze=features == 1)
   apply_fn, params = nd.from_linen(module, module.init(kp, x_train))
   return dict(apply_fn=apply_fn, params=params, x_train=x_train, x_test=x_test, y=y,
               k_train=nd.empirical_ntk(apply_fn, params, x_train),

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 
 import jax
@@ -15,22 +14,15 @@ import pytest
 from flax import linen as nn
 
 import ntk_diag as nd
+from models import MLP
 from events import read_scalars
 from ntk_diag.snapshot import SnapshotConfig
-
-
-class MLP(nn.Module):
-  width: int = 16
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(2)(nn.tanh(nn.Dense(self.width)(x)))
 
 
 def _setup(width=16, n=6):
   x = jax.random.normal(jax.random.key(0), (n, 3))
   y = jnp.ones((n, 2))
-  model = MLP(width)
+  model = MLP(hidden=(width,), out=2)
   apply_fn, params = nd.from_linen(model, model.init(jax.random.key(1), x))
   return apply_fn, params, x, y
 

@@ -10,21 +10,11 @@ import pytest
 from flax import nnx
 
 import ntk_diag as nd
+from models import MLP
 from ntk_diag import structured
 from reference import assert_close_fro, dense_ntk
 
 # ------------------------------------------------------------------------ models
-
-
-class MLP(nn.Module):
-  widths: tuple = (6, 5, 3)
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    for w in self.widths[:-1]:
-      x = jnp.tanh(nn.Dense(w, use_bias=self.use_bias)(x))
-    return nn.Dense(self.widths[-1], use_bias=self.use_bias)(x)
 
 
 class CNN(nn.Module):
@@ -99,8 +89,9 @@ def _inputs(shape, seed=1):
 
 
 CASES = {
-    "mlp": lambda: (*_linen(MLP(), _inputs((5, 4))), _inputs((3, 4), 2)),
-    "mlp_no_bias": lambda: (*_linen(MLP(use_bias=False), _inputs((5, 4))), _inputs((3, 4), 2)),
+    "mlp": lambda: (*_linen(MLP(hidden=(6, 5), out=3), _inputs((5, 4))), _inputs((3, 4), 2)),
+    "mlp_no_bias": lambda: (*_linen(MLP(hidden=(6, 5), out=3, use_bias=False), _inputs((5, 4))),
+                            _inputs((3, 4), 2)),
     "cnn_same": lambda: (*_linen(CNN(), _inputs((3, 5, 5, 2))), _inputs((2, 5, 5, 2), 2)),
     "cnn_valid_strided_grouped": lambda: (
         *_linen(CNN("VALID", 2, 2), _inputs((3, 7, 7, 2))), _inputs((2, 7, 7, 2), 2)),
@@ -186,7 +177,7 @@ def test_raw_function_with_reused_and_unrecognised_leaves():
 
 
 def test_scalar_output_and_auto_choice():
-  apply_fn, params = _linen(MLP(widths=(5, 1)), _inputs((3, 4)))
+  apply_fn, params = _linen(MLP(hidden=(5,), out=1), _inputs((3, 4)))
   x = _inputs((4, 4))
   f = lambda p, x: apply_fn(p, x)[:, 0]
   got = nd.empirical_ntk(f, params, x, method="structured")

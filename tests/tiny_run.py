@@ -6,22 +6,16 @@ import shutil
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
 
 import ntk_diag as nd
-
-
-class _MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(nn.tanh(nn.Dense(16)(x)))
+from models import MLP
 
 
 def write_tiny_run(workdir, steps=6, every_steps=3):
   """Trains a small MLP with the hook (default settings) attached, logging to ``workdir``."""
   x = jax.random.normal(jax.random.key(0), (8, 4))
   y = jax.nn.one_hot(jnp.arange(8) % 3, 3)
-  model = _MLP()
+  model = MLP(hidden=(16,), out=3)
   tx = optax.sgd(0.1)
   apply_fn, params = nd.from_linen(model, model.init(jax.random.key(1), x))
   opt_state = tx.init(params)
