@@ -27,6 +27,7 @@ from ntk_diag.predict import kernel_predictor
 from ntk_diag.radius import LazyRadius
 from ntk_diag.radius import lazy_radius
 from ntk_diag.sharpness import loss_sharpness
+from ntk_diag.snapshot import SnapshotConfig
 from ntk_diag.twin import LinearizedTwin
 from ntk_diag.twin import TwinState
 
@@ -40,6 +41,7 @@ __all__ = (
     "LinearizedTwin",
     "NormEstimate",
     "PredictorRow",
+    "SnapshotConfig",
     "TwinState",
     "compare",
     "empirical_ntk",
