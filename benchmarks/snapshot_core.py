@@ -1,0 +1,210 @@
+"""A snapshot next to its core: the pieces of one snapshot, timed side by side.
+
+    python benchmarks/snapshot_core.py [--model mlp,cnn] [--repeats N] [--quick]
+
+Models (both built from NumPy seeds):
+
+* ``mlp`` — MLP 784-512-512-10 (669,706 params), 256 probe points, training
+  step at batch 128 (the hook benchmark's problem).
+* ``cnn`` — Linen CNN on 28×28×1 inputs: Conv(16, 3×3) → relu → avg-pool 2 →
+  Conv(32, 3×3) → relu → avg-pool 2 → Dense(512) → relu → Dense(10)
+  (813,258 params), 32 probe points, training step at batch 64.
+
+Pieces, each jitted alone with every input an argument (nothing constant-folded),
+timed interleaved in one process (:mod:`_timing`), with the compile time of each
+(``jax.jit(fn).lower(...).compile()``) measured separately:
+
+* the core: the output-traced ``empirical_ntk`` of all probe points;
+* ``jacobian_norm_core``, per example, on the first ``NORM_EXAMPLES`` (16) probes;
+* ``hessian_norm_core`` on the same 16 probes × 10 outputs (power, ≤ 20
+  iterations, tol 1e-3 as in ``SnapshotConfig``): cold (random start, every
+  problem solved in full) and warm + screened (3 iterations on every problem
+  from the previous call's vectors, then the refinement), as the hook does
+  after its first snapshot;
+* the full compiled snapshot (``SnapshotEngine`` with ``hessian_examples`` =
+  ``jacobian_examples`` = 16; the engine's default warm-start memory limit);
+* one SGD training step (the unit of the CNN target).
+
+Targets (issue 15): MLP snapshot ≤ 3× the traced NTK; CNN snapshot ≤ 0.5 s or
+≤ 10 training steps of batch 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
+
+import ntk_diag as nd  # noqa: E402
+from ntk_diag import norms as norms_lib  # noqa: E402
+from ntk_diag import ntk as ntk_lib  # noqa: E402
+from ntk_diag import snapshot as snapshot_lib  # noqa: E402
+
+NORM_EXAMPLES = 16
+MODELS = {  # name -> (probe points, training batch)
+    "mlp": (256, 128),
+    "cnn": (32, 64),
+}
+
+
+def cnn_module():
+  import flax.linen as nn
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.avg_pool(nn.relu(nn.Conv(16, (3, 3))(x)), (2, 2), (2, 2))
+      x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3))(x)), (2, 2), (2, 2))
+      x = nn.relu(nn.Dense(512)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10)(x)
+
+  return CNN()
+
+
+def problem(name: str, seed: int = 0):
+  """``(apply_fn, params, pool_x, pool_labels, probe_x, probe_y)``."""
+  rng = np.random.RandomState(seed)
+  n_probe, _ = MODELS[name]
+  if name == "mlp":
+    module = _timing.flax_mlp((784, 512, 512, 10))
+    pool = rng.standard_normal((4096, 784)).astype(np.float32)
+  else:
+    module = cnn_module()
+    pool = rng.standard_normal((4096, 28, 28, 1)).astype(np.float32)
+  teacher = rng.standard_normal((int(np.prod(pool.shape[1:])), 10)).astype(np.float32)
+  labels = np.argmax(pool.reshape(len(pool), -1) @ teacher, axis=1)
+  variables = module.init(jax.random.PRNGKey(seed), pool[:1])
+  apply_fn, params = nd.from_linen(module, variables)
+  probe_x = jnp.asarray(pool[:n_probe])
+  probe_y = jax.nn.one_hot(labels[:n_probe], 10)
+  return apply_fn, params, jnp.asarray(pool), jnp.asarray(labels), probe_x, probe_y
+
+
+def _compile_seconds(fn, *args) -> float:
+  start = time.perf_counter()
+  jax.jit(fn).lower(*args).compile()
+  return time.perf_counter() - start
+
+
+def run(name: str, repeats: int = 5) -> dict:
+  apply_fn, params0, pool, labels, probe_x, probe_y = problem(name)
+  n_probe, batch = MODELS[name]
+  num_params = sum(a.size for a in jax.tree.leaves(params0))
+  params1 = jax.tree.map(lambda a: a * 1.01, params0)
+  cfg = snapshot_lib.SnapshotConfig(hessian_examples=NORM_EXAMPLES,
+                                    jacobian_examples=NORM_EXAMPLES)
+  x_norm = probe_x[:NORM_EXAMPLES]
+  solver = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)
+
+  def ntk_fn(p, x):
+    return ntk_lib.empirical_ntk(apply_fn, p, x, trace_outputs=True)
+
+  def jac_fn(p, x):
+    return norms_lib.jacobian_norm_core(apply_fn, p, x, **solver).value
+
+  def hess_cold_fn(p, x, key):
+    return norms_lib.hessian_norm_core(apply_fn, p, x, key=key, **solver).value
+
+  def hess_screened_fn(p, x, init, values):
+    est = norms_lib.hessian_norm_core(apply_fn, p, x, init=init, init_values=values,
+                                      screen_iters=cfg.hessian_screen_iters,
+                                      return_vector=True, **solver)
+    return est
+
+  opt = optax.sgd(0.05)
+
+  def train_step(p, opt_state, i):
+    idx = (i * batch + jnp.arange(batch)) % pool.shape[0]
+    xb, yb = pool[idx], labels[idx]
+
+    def loss_fn(q):
+      return optax.softmax_cross_entropy_with_integer_labels(apply_fn(q, xb), yb).mean()
+
+    updates, opt_state = opt.update(jax.grad(loss_fn)(p), opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  key = jax.random.PRNGKey(3)
+  k = 10
+  inf_values = jnp.full((NORM_EXAMPLES, k), jnp.inf)
+  cold_init = jax.tree.map(
+      lambda p: jax.random.normal(key, (NORM_EXAMPLES, k) + p.shape, p.dtype), params0)
+  opt_state = opt.init(params1)
+  step = jnp.int32(0)
+
+  compile_s = {
+      "ntk": _compile_seconds(ntk_fn, params1, probe_x),
+      "jac": _compile_seconds(jac_fn, params1, x_norm),
+      "hess_cold": _compile_seconds(hess_cold_fn, params1, x_norm, key),
+      "hess_screened": _compile_seconds(hess_screened_fn, params1, x_norm, cold_init, inf_values),
+      "train": _compile_seconds(train_step, params1, opt_state, step),
+  }
+  ntk_j, jac_j, cold_j = jax.jit(ntk_fn), jax.jit(jac_fn), jax.jit(hess_cold_fn)
+  screened_j, train_j = jax.jit(hess_screened_fn), jax.jit(train_step)
+  previous = screened_j(params0, x_norm, cold_init, inf_values)  # "the previous snapshot"
+
+  start = time.perf_counter()
+  engine = snapshot_lib.SnapshotEngine(apply_fn, params0, probe_x, probe_y, kernel0=None,
+                                       groups=snapshot_lib.Groups(), config=cfg)
+  engine.run(params0, 0)
+  compile_s["snapshot (engine: K0 + compile + first run)"] = time.perf_counter() - start
+
+  def snapshot_compiled():
+    return engine._compute(params1, engine.theta0, engine.f0, engine.kernel0,
+                           engine._prev_kernel, jnp.float32(1.0), engine.probe_x,
+                           engine.probe_y, engine._warm)
+
+  pieces = {
+      f"traced empirical_ntk, {n_probe} probes (the core)": lambda: ntk_j(params1, probe_x),
+      f"full snapshot, compiled (SnapshotEngine, norms on {NORM_EXAMPLES})": snapshot_compiled,
+      f"jacobian_norm_core per example, {NORM_EXAMPLES} probes": lambda: jac_j(params1, x_norm),
+      f"hessian_norm_core {NORM_EXAMPLES}×{k}, cold (full solve)":
+          lambda: cold_j(params1, x_norm, key),
+      f"hessian_norm_core {NORM_EXAMPLES}×{k}, warm + screened (3 it.)":
+          lambda: screened_j(params1, x_norm, previous.vector, previous.per_problem).value,
+      f"train step, batch {batch}": lambda: train_j(params1, opt_state, step),
+  }
+  timed = _timing.time_interleaved(pieces, repeats=repeats)
+  times = {label: entry["median"] for label, entry in timed.items()}
+  core = times[next(iter(pieces))]
+  step_s = times[f"train step, batch {batch}"]
+  snap = times[f"full snapshot, compiled (SnapshotEngine, norms on {NORM_EXAMPLES})"]
+  warm = engine._warm is not None
+
+  print(f"\n## {name}: {num_params} params, {n_probe} probes, norms on {NORM_EXAMPLES}; "
+        f"{_timing.machine()}, load {os.getloadavg()[0]:.1f}")
+  print("| piece | median | × core | × train step |\n|---|---:|---:|---:|")
+  for label, t in times.items():
+    print(f"| {label} | {1e3 * t:.1f} ms | {t / core:.2f}× | {t / step_s:.1f} |")
+  print(f"snapshot warm-started across snapshots: {warm}")
+  print("| compile | seconds |\n|---|---:|")
+  for label, t in compile_s.items():
+    print(f"| {label} | {t:.2f} |")
+  if name == "mlp":
+    print(f"target snapshot ≤ 3× traced NTK: {snap / core:.2f}× -> "
+          f"{'holds' if snap <= 3 * core else 'MISSED'}")
+  else:
+    print(f"target snapshot ≤ 0.5 s or ≤ 10 train steps: {snap:.3f} s = {snap / step_s:.1f} steps "
+          f"-> {'holds' if snap <= 0.5 or snap <= 10 * step_s else 'MISSED'}")
+  return {"times": times, "compile": compile_s}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="mlp,cnn")
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  for name in args.model.split(","):
+    run(name, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
