@@ -147,6 +147,7 @@ class _Group:
   leaf: int
   uses: list
   bias_leaf: int | None = None
+  bias_index: np.ndarray | None = None  # bias leaf index of each output unit ``o``
 
 
 @dataclasses.dataclass
@@ -339,6 +340,7 @@ def _analyse(graph: _Graph) -> _Plan:
         not np.array_equal(_bias_row(graph, u, i, leaf), ref) for u, i in pairs[1:]):
       continue
     groups[target].bias_leaf = leaf
+    groups[target].bias_index = ref
     for u, _ in pairs:
       u.bias = True
 
@@ -383,20 +385,39 @@ def _layer_input(rec: _Rec, use: _Use, vals: list, shapes: dict) -> jax.Array:
     perm, shape = _dot_layout(rec, use.operand, shapes)[:2]
     a = jnp.transpose(vals[1 - use.operand], perm).reshape(shape)
   else:
-    p = rec.params
-    dn = p["dimension_numbers"]
-    lhs, rhs = vals
-    patches = lax.conv_general_dilated_patches(
-        lhs, filter_shape=[rhs.shape[d] for d in dn.rhs_spec[2:]],
-        window_strides=p["window_strides"], padding=p["padding"],
-        lhs_dilation=p["lhs_dilation"], rhs_dilation=p["rhs_dilation"],
-        dimension_numbers=dn, precision=_HIGHEST)
     g, s, c, _ = _conv_layout(rec, shapes)
-    patches = jnp.moveaxis(patches, dn.out_spec[1], -1).reshape(s, g, c)
-    a = jnp.swapaxes(patches, 0, 1)
+    a = jnp.swapaxes(_patches(rec, vals[0], vals[1].shape, shapes).reshape(s, g, c), 0, 1)
   if use.bias:
     a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
   return a
+
+
+def _patches(rec: _Rec, lhs: jax.Array, rhs_shape: tuple, shapes: dict) -> jax.Array:
+  """``(s, C·window)`` patches of a conv's input, positions in the output's axis order and
+  features channel-major (as ``lax.conv_general_dilated_patches``), by strided slices: no
+  arithmetic, so the patches and their transpose cost memory moves only."""
+  p = rec.params
+  dn = p["dimension_numbers"]
+  nsp = len(dn.lhs_spec) - 2
+  x = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+  zero = jnp.zeros((), x.dtype)
+  config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(p["padding"], p["lhs_dilation"])]
+  x = lax.pad(x, zero, config + [(0, 0, 0)])
+  out_shape = shapes[rec.outs[0]]
+  out_sp = [out_shape[d] for d in dn.out_spec[2:]]
+  window = [rhs_shape[d] for d in dn.rhs_spec[2:]]
+  slices = []
+  for offset in np.ndindex(*window):
+    start = [0] + [o * d for o, d in zip(offset, p["rhs_dilation"])] + [0]
+    limit = ([x.shape[0]] + [st + (n - 1) * stride + 1 for st, n, stride in
+                             zip(start[1:-1], out_sp, p["window_strides"])] + [x.shape[-1]])
+    slices.append(lax.slice(x, start, limit, [1] + list(p["window_strides"]) + [1]))
+  patches = jnp.stack(slices, axis=-1)  # (N, *out spatial, C, window)
+  patches = patches.reshape(patches.shape[:-2] + (-1,))
+  # (N, *spatial) in the output array's axis order (the feature axis left out).
+  source = {dn.out_spec[0]: 0, **{d: 1 + i for i, d in enumerate(dn.out_spec[2:])}}
+  order = [source[d] for d in range(nsp + 2) if d != dn.out_spec[1]]
+  return jnp.transpose(patches, order + [nsp + 1]).reshape(-1, patches.shape[-1])
 
 
 def _layer_cotangent(plan: _Plan, use: _Use, cot: jax.Array) -> jax.Array:
@@ -411,8 +432,50 @@ def _layer_cotangent(plan: _Plan, use: _Use, cot: jax.Array) -> jax.Array:
   return jnp.swapaxes(cot, 1, 2)
 
 
-def _forward(plan: _Plan, param_vals: list, fb_vals: list, eps: list, x_leaves: list):
-  """One example through the graph: ``(outputs (k,), layer inputs per use)``."""
+def _layer_output(plan: _Plan, use: _Use, y: jax.Array) -> jax.Array:
+  """Canonical ``(g, s, o)`` -> the layer output's own layout (inverse of :func:`_layer_cotangent`)."""
+  graph = plan.graph
+  rec = graph.records[use.rec]
+  out_shape = graph.shapes[rec.outs[0]]
+  if use.kind == "dot":
+    out_perm = _dot_layout(rec, use.operand, graph.shapes)[2]
+    y = y.reshape(tuple(out_shape[d] for d in out_perm))
+    return jnp.transpose(y, np.argsort(out_perm))
+  feature = rec.params["dimension_numbers"].out_spec[1]
+  moved = tuple(d for i, d in enumerate(out_shape) if i != feature) + (out_shape[feature],)
+  return jnp.moveaxis(jnp.swapaxes(y, 0, 1).reshape(moved), -1, feature)
+
+
+def _use_positions(graph: _Graph, use: _Use) -> int:
+  """Positions ``s`` of one use (the ``S`` axis of its canonical layouts)."""
+  rec = graph.records[use.rec]
+  if use.kind == "dot":
+    return _dot_layout(rec, use.operand, graph.shapes)[1][1]
+  return _conv_layout(rec, graph.shapes)[1]
+
+
+def _permute(flat: jax.Array, index: np.ndarray) -> jax.Array:
+  """``flat[index]`` for a static index array; a reshape when ``index`` is the identity."""
+  if np.array_equal(index.reshape(-1), np.arange(index.size)):
+    return flat.reshape(index.shape)
+  return flat[index]
+
+
+def _conv_by_patches(plan: _Plan, use: _Use, a: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A conv's output from its canonical patches ``a``: ``a W`` with ``W`` in ``(g, c, o)``."""
+  w = _permute(kernel.reshape(-1), use.index)
+  y = jnp.einsum("gsc,gco->gso", a[..., :w.shape[1]], w.astype(a.dtype), precision=_HIGHEST)
+  return _layer_output(plan, use, y)
+
+
+def _forward(plan: _Plan, param_vals: list, fb_vals: list, eps: list, x_leaves: list,
+             conv_by_patches: bool = False):
+  """One example through the graph: ``(outputs (k,), layer inputs per use)``.
+
+  ``conv_by_patches``: structured convs are evaluated as matrix products on
+  their patches (which are formed anyway), so their derivatives are matrix
+  products too (no transposed or per-example-kernel convolutions).
+  """
   graph = plan.graph
   env = dict(graph.consts)
   vals = list(param_vals)
@@ -430,7 +493,13 @@ def _forward(plan: _Plan, param_vals: list, fb_vals: list, eps: list, x_leaves: 
     ins = [_read(env, a) for a in rec.ins]
     for gi, ui, use in uses_of.get(r, ()):
       inputs[(gi, ui)] = _layer_input(rec, use, ins, graph.shapes)
-    out = rec.prim.bind(*ins, **rec.prim.get_bind_params(rec.params))
+    conv = [(gi, ui, u) for gi, ui, u in uses_of.get(r, ()) if u.kind == "conv"]
+    if conv_by_patches and conv:
+      gi, ui, use = conv[0]
+      out = _conv_by_patches(plan, use, inputs[(gi, ui)], ins[1]).astype(
+          jnp.result_type(*ins))
+    else:
+      out = rec.prim.bind(*ins, **rec.prim.get_bind_params(rec.params))
     outs = out if rec.prim.multiple_results else [out]
     if r in eps_of:
       outs = [outs[0] + eps_of[r].astype(outs[0].dtype)]
