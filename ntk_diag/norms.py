@@ -39,6 +39,7 @@ from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _tree
 from ntk_diag import _validation
+from ntk_diag import block_hessian
 from ntk_diag import losses
 from ntk_diag import ntk
 from ntk_diag import spectral
@@ -307,8 +308,15 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
                       num_iters: int = 100, tol: float = 1e-4, method: str = "power",
                       return_vector: bool = False, batch_size: int | None = None,
                       screen_iters: int | None = None,
-                      init_values: jax.Array | None = None) -> NormEstimate:
+                      init_values: jax.Array | None = None,
+                      factored_vectors: bool | None = None) -> NormEstimate:
   """:func:`hessian_norm` without argument checks; traceable (``jit``-able).
+
+  With ``method="power"`` on a model with Dense layers worth factoring
+  (:mod:`ntk_diag.block_hessian`) the ``n·k`` eigenproblems are solved
+  together, vmapped, with Hessian-vector products that keep those layers'
+  blocks as low-rank factors; otherwise one at a time on CPU (all together
+  where the vectors fit elsewhere). Same iterates either way.
 
   By default the solver (``num_iters``, ``tol``) runs on every one of the
   ``n·k`` (example, output) eigenproblems. With ``screen_iters=s`` and the
@@ -334,10 +342,28 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
   refined where refined, so the next call warm-starts every problem.
   ``init_values = inf`` everywhere refines every problem; without
   ``init_values`` there is no screen (every problem is solved in full).
+
+  ``factored_vectors=True`` (with ``return_vector``) returns ``vector`` as a
+  :class:`ntk_diag.block_hessian.LowRankVectors` with batch axes ``(n, k)``
+  where the factored solver runs (a few factors per Dense layer instead of
+  ``n·k`` parameter-sized vectors); pass it back as ``init``. ``None`` (the
+  default): factored when ``init`` is a ``LowRankVectors``. A
+  ``LowRankVectors`` ``init`` that is zero everywhere means "no warm start
+  yet": every problem starts from random factors (drawn from ``key``), so a
+  placeholder (:func:`ntk_diag.block_hessian.zeros`) keeps the compiled
+  structure of the first call and the later ones the same.
   """
   key = _default_key(key)
   n = _num_examples(x)
   k = _model.num_outputs(_model.example_output_shape(apply_fn, params, x))
+  layout = block_hessian.layout_or_none(apply_fn, params, x) if method == "power" else None
+  if factored_vectors is None:
+    factored_vectors = isinstance(init, block_hessian.LowRankVectors)
+  if layout is not None:
+    return _hessian_norm_low_rank(
+        layout, params, x, n, k, key=key, init=init, num_iters=num_iters, tol=tol,
+        return_vector=return_vector, factored_vectors=factored_vectors, batch_size=batch_size,
+        screen_iters=screen_iters, init_values=init_values)
   f = _model.per_example(apply_fn)
   shared, batched = _problem_inits(init, params, (n, k), key)
   if batched is not None:  # (n, k, ...) -> (n·k, ...)
@@ -395,6 +421,102 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
   return NormEstimate(value=jnp.max(values), per_example=jnp.max(values, axis=1),
                       iterations=jnp.max(its), converged=jnp.all(conv), vector=vectors,
                       per_problem=values)
+
+
+def _hessian_norm_low_rank(layout, params, x, n, k, *, key, init, num_iters, tol,
+                           return_vector, factored_vectors, batch_size, screen_iters,
+                           init_values) -> NormEstimate:
+  """:func:`hessian_norm_core` by :mod:`ntk_diag.block_hessian` (power iteration on ``H²``)."""
+  shared = batched = None
+  if isinstance(init, block_hessian.LowRankVectors):
+    # A zero placeholder: no warm start yet, every problem starts from a random vector.
+    cold = jnp.all(jnp.stack([jnp.all(a == 0) for a in jax.tree.leaves(init)]))
+    random = _tree.tree_random_normal_like(key, init)
+    batched = jax.tree.map(lambda r, a: jnp.where(cold, r, a), random, init)
+  elif init is None:
+    shared = jax.tree.leaves(_tree.tree_random_normal_like(key, params))
+  else:
+    start, per_problem = _problem_inits(init, params, (n, k), key)
+    shared = None if start is None else jax.tree.leaves(start)
+    batched = None if per_problem is None else jax.tree.leaves(per_problem)
+
+  def run(xs, starts, iters):
+    """Every problem of a block of examples: vmapped over examples, then outputs."""
+    def example(xi, starts_i):
+      def problem(a, v0):
+        return block_hessian.solve(layout, params, xi, a, shared if v0 is None else v0,
+                                   num_iters=iters, tol=tol)
+      return jax.vmap(problem)(jnp.arange(k), starts_i)
+    return jax.vmap(example)(xs, starts)
+
+  dense_starts = batched is not None and not isinstance(batched, block_hessian.LowRankVectors)
+  per_example_bytes = k * (block_hessian.bytes_per_problem(layout, params)
+                           + (_vector_bytes(params) if dense_starts else 0))
+  if batch_size is not None:
+    block = max(1, batch_size // k)
+  else:
+    block = _memory.default_budget_bytes() // max(per_example_bytes, 1)
+  block = int(max(1, min(n, block)))
+
+  def run_all(iters):
+    if block >= n:
+      return run(x, batched, iters)
+    tiles = lax.map(lambda args: run(*args, iters),
+                    (_model.pad_to_blocks(x, n, block), _model.pad_to_blocks(batched, n, block)))
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], tiles)
+
+  if screen_iters is None or init_values is None:
+    theta, vectors, its, conv, zero = run_all(num_iters)
+    values = _sqrt(theta).reshape(n * k)
+  else:
+    theta, vectors, _, _, zero = run_all(min(screen_iters, num_iters))
+    screened = _sqrt(theta).reshape(n * k)
+    prior = jnp.reshape(init_values, (n * k,))
+    best = jnp.argmax(screened)
+    # `| (p == best)`: `best` is refined even where the prior holds NaN.
+    chosen = (prior >= prior[best]) | (jnp.arange(n * k) == best)
+    order = jnp.argsort(~chosen, stable=True)  # the chosen problems first
+    flat = jax.tree.map(lambda a: a.reshape((n * k,) + a.shape[2:]), vectors)
+
+    def refine(j, state):  # one chosen problem, from its screened vector
+      values, its, conv, flat = state
+      p = order[j]
+      start = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, p, keepdims=False), flat)
+      theta_p, v, it, converged, _ = block_hessian.solve(
+          layout, params, _model.take(x, p // k), p % k, start, num_iters=num_iters, tol=tol)
+      flat = jax.tree.map(lambda a, b: lax.dynamic_update_index_in_dim(a, b, p, 0), flat, v)
+      return (values.at[p].max(_sqrt(theta_p)), jnp.maximum(its, it), conv & converged, flat)
+
+    values, its, conv, flat = lax.fori_loop(
+        0, jnp.sum(chosen), refine,
+        (screened, jnp.zeros((), jnp.int32), jnp.ones((), bool), flat))
+    vectors = jax.tree.map(lambda a: a.reshape((n, k) + a.shape[1:]), flat)
+  values = values.reshape(n, k)
+  vector = None
+  if return_vector:
+    vector = vectors if factored_vectors else _dense_vectors(
+        layout, params, vectors, zero, shared, None if not dense_starts else batched)
+  return NormEstimate(value=jnp.max(values), per_example=jnp.max(values, axis=1),
+                      iterations=jnp.max(its), converged=jnp.all(conv), vector=vector,
+                      per_problem=values)
+
+
+def _dense_vectors(layout, params, vectors, zero, shared, batched) -> PyTree:
+  """``(n, k, *leaf)`` params-like vectors. Where ``H² v₀ = 0`` power iteration keeps
+  its unit start ``v₀`` (``shared`` leaves, or ``batched`` ones of shape ``(n, k, *leaf)``)."""
+  dense = jax.vmap(jax.vmap(lambda v: block_hessian.to_pytree(layout, params, v)))(vectors)
+  start = shared if batched is None else batched
+  if start is None:
+    return dense
+  lead = () if batched is None else zero.shape
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(a), axis=tuple(range(len(lead), a.ndim)))
+                      for a in start))
+  safe = jnp.where(norm > 0, norm, 1.0)
+  unit = jax.tree.unflatten(jax.tree.structure(params), [
+      a / safe.reshape(lead + (1,) * (a.ndim - len(lead))) for a in start])
+  return jax.tree.map(
+      lambda d, u: jnp.where(zero.reshape(zero.shape + (1,) * (d.ndim - 2)), u.astype(d.dtype), d),
+      dense, unit)
 
 
 def lazy_ratio_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
