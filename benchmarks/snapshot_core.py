@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # this checkout's ntk_diag, not an in
 import _timing  # noqa: E402
 
 import ntk_diag as nd  # noqa: E402
+from ntk_diag import block_hessian  # noqa: E402
 from ntk_diag import norms as norms_lib  # noqa: E402
 from ntk_diag import ntk as ntk_lib  # noqa: E402
 from ntk_diag import snapshot as snapshot_lib  # noqa: E402
@@ -131,11 +132,13 @@ def run(name: str, repeats: int = 5) -> dict:
   def hess_cold_fn(p, x, key):
     return norms_lib.hessian_norm_core(apply_fn, p, x, key=key, **solver).value
 
-  def hess_screened_fn(p, x, init, values):
-    est = norms_lib.hessian_norm_core(apply_fn, p, x, init=init, init_values=values,
-                                      screen_iters=cfg.hessian_screen_iters,
-                                      return_vector=True, **solver)
-    return est
+  def hess_screened_fn(p, x, init, values, factored=False):
+    return norms_lib.hessian_norm_core(apply_fn, p, x, init=init, init_values=values,
+                                       screen_iters=cfg.hessian_screen_iters,
+                                       return_vector=True, factored_vectors=factored, **solver)
+
+  def hess_factored_fn(p, x, init, values):
+    return hess_screened_fn(p, x, init, values, factored=True)
 
   opt = optax.sgd(0.05)
 
@@ -167,6 +170,14 @@ def run(name: str, repeats: int = 5) -> dict:
   ntk_j, jac_j, cold_j = jax.jit(ntk_fn), jax.jit(jac_fn), jax.jit(hess_cold_fn)
   screened_j, train_j = jax.jit(hess_screened_fn), jax.jit(train_step)
   previous = screened_j(params0, x_norm, cold_init, inf_values)  # "the previous snapshot"
+  layout = block_hessian.layout_or_none(apply_fn, params0, x_norm)
+  factored_j = None
+  if layout is not None:
+    placeholder = block_hessian.zeros(layout, params0, (NORM_EXAMPLES, k))
+    compile_s["hess_screened_factored"] = _compile_seconds(hess_factored_fn, params1, x_norm,
+                                                           placeholder, inf_values)
+    factored_j = jax.jit(hess_factored_fn)
+    previous_f = factored_j(params0, x_norm, placeholder, inf_values)
 
   start = time.perf_counter()
   snap, state = snapshotter(apply_fn, params0, probe_x, probe_y, cfg)
@@ -186,6 +197,9 @@ def run(name: str, repeats: int = 5) -> dict:
           lambda: screened_j(params1, x_norm, previous.vector, previous.per_problem).value,
       f"train step, batch {batch}": lambda: train_j(params1, opt_state, step),
   }
+  if factored_j is not None:
+    pieces[f"hessian_norm_core {NORM_EXAMPLES}×{k}, warm + screened, factored vectors"] = (
+        lambda: factored_j(params1, x_norm, previous_f.vector, previous_f.per_problem).value)
   timed = _timing.time_interleaved(pieces, repeats=repeats)
   times = {label: entry["median"] for label, entry in timed.items()}
   core = times[next(iter(pieces))]
