@@ -10,36 +10,40 @@ the ``W`` block of ``H v`` is
 ``(H v)_W = Aᵀ Ġ + Ȧᵀ G``,
 
 with ``Ȧ``, ``Ġ`` the derivatives of ``A`` and ``G`` along ``v``: rank ≤ 2S.
-Where that is smaller than ``W`` (Dense layers: ``S = 1``) every product
-``H v`` is kept as the factors ``left = [Aᵀ, Ȧᵀ]`` (``c × 2S``) and
-``right = [Ġᵀ, Gᵀ]`` (``o × 2S``); elsewhere (convolutions) as the block
-itself. Both are held in the layer's canonical ``(g, c, o)`` layout, in a
-:class:`LowRankVectors`. Other parameter leaves (embeddings, norms, leaves
-used elsewhere) stay dense and are differentiated as they are.
+Where that is smaller than ``W`` (Dense layers: ``S = 1``) a vector is kept
+as factors, rows ``left = [A; Ȧ]`` (``2S × c``) and ``right = [Ġ; G]``
+(``2S × o``); elsewhere (convolutions) as the block itself; both in the
+layer's canonical ``(g, c, o)`` layout (:class:`LowRankVectors`). Other
+parameter leaves (embeddings, norms, leaves used elsewhere) stay dense and
+are differentiated as they are.
 
 A product with ``Ẇ`` needs ``A Ẇ`` in the forward pass and ``G Ẇᵀ`` in the
-backward pass: for factors ``(A left) rightᵀ`` and ``(G right) leftᵀ``,
-``O(S·(c + o))`` per product and eigenproblem, with no parameter-sized vector
-per eigenproblem; for a block, one matrix product each (a convolution with a
-per-eigenproblem kernel, which ``vmap`` would turn into a grouped
-convolution, becomes a batched matrix product on the patches).
+backward pass: for factors ``(A leftᵀ) right`` and ``(G rightᵀ) left``,
+``O(S·(c + o))`` per product and eigenproblem, and no parameter-sized
+vector per eigenproblem; for a block, one matrix product each (a
+convolution with a per-eigenproblem kernel, which ``vmap`` would turn into a
+grouped convolution, becomes a batched matrix product on the patches).
 
 Each product is one forward-mode derivative of one reverse pass
 (forward-over-reverse), linearised once per eigenproblem: ``jax.linearize``
 of ``(fb, ε, β) ↦ ∇_{fb, ε}[f_a + Σ ⟨A − sg(A), β⟩]``, where ``fb`` are the
 dense leaves, ``ε`` is added to every structured layer's output ``z`` and
 ``β`` enters the backward pass at its input ``A``. The tangents
-``(v_fb, A Ẇ, G Ẇᵀ)`` give ``(H v)_fb``, ``Ġ`` (the tangent of ``∇_ε``)
-and ``Ȧ``. The ``n·k`` eigenproblems are solved together: ``vmap`` over
+``(v_fb, A Ẇ, G Ẇᵀ)`` give ``(H v)_fb``, ``Ġ`` (the tangent of ``∇_ε``) and
+``Ȧ``. The ``n·k`` eigenproblems are solved together: ``vmap`` over
 examples (one forward pass each), then outputs.
 
 The solver is power iteration on ``H²``, the iterates, stopping rule and
 counts of ``which="magnitude"`` in :func:`ntk_diag.spectral.top_eigenpair`:
 ``w = H(H v)``, ``θ = ⟨v, w⟩``, stop when ``‖w − θ v‖ ≤ tol · |θ|``, else
-``v ← w / ‖w‖``; the estimate is ``sqrt(θ)``. Inner products of factored
-blocks are ``Σ (L₁ᵀ L₂) ⊙ (R₁ᵀ R₂)``; the residual is formed from
-differences of factor columns (see :func:`_residual_sq`), as accurate as a
-dense difference.
+``v ← w / ‖w‖``; the estimate is ``sqrt(θ)``. After the first product every
+vector of a problem shares its ``A`` and ``G``, so the loop keeps only
+``(Ȧ, Ġ)`` (a :class:`_Frame` vector); inner products are sums of small
+Gram matrices (``S × S``) of those rows with ``A`` and ``G``, and the
+residual is formed from ``Ȧ_w − θȦ_v`` and ``Ġ_w − θĠ_v``: as accurate as a
+dense difference. At the first iteration (start vector ``v₀`` from
+elsewhere) ``θ = ⟨v₀, H u⟩ = ‖u‖²`` with ``u = H v₀``, and the residual is
+``‖w‖² − 2θ² + θ²‖v₀‖²``.
 """
 
 from __future__ import annotations
@@ -60,13 +64,17 @@ PyTree = Any
 _HIGHEST = lax.Precision.HIGHEST
 
 
+def _mm(spec: str, *operands) -> jax.Array:
+  return jnp.einsum(spec, *operands, precision=_HIGHEST)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LowRankVectors:
   """Parameter-space vectors with structured layers in their canonical layout.
 
   The vector is ``dense`` on the leaves kept as they are, ``blocks`` on the
-  structured layers held as blocks and ``left @ rightᵀ`` on the factored ones
+  structured layers held as blocks and ``leftᵀ right`` on the factored ones
   (weight and folded bias, canonical ``(g, c, o)`` layout); zero on
   parameters the model does not use. Every field may carry leading batch
   axes (``(n, k)``: one vector per eigenproblem).
@@ -74,8 +82,8 @@ class LowRankVectors:
   Attributes:
     dense: one ``batch + leaf.shape`` array per dense leaf.
     blocks: one ``batch + (g, c, o)`` array per block layer.
-    left: one ``batch + (g, c, 2S)`` array per factored layer: ``[Aᵀ, Ȧᵀ]``.
-    right: one ``batch + (g, o, 2S)`` array per factored layer: ``[Ġᵀ, Gᵀ]``.
+    left: one ``batch + (g, 2S, c)`` array per factored layer: rows ``[A; Ȧ]``.
+    right: one ``batch + (g, 2S, o)`` array per factored layer: rows ``[Ġ; G]``.
   """
   dense: tuple
   blocks: tuple
@@ -91,11 +99,8 @@ class Layout:
   """How the parameter leaves are held (static)."""
   plan: Any             # structured._Plan: groups = structured layers, fallback = dense leaves
   factored: tuple       # per group: held as factors (else as a block)
-  positions: tuple      # per group: S summed over its uses (factors have 2S columns)
+  positions: tuple      # per group: S summed over its uses (factors have 2S rows)
   dims: tuple           # per group: (g, c, o), c with the bias row
-
-  def groups(self, factored: bool) -> list:
-    return [g for g, f in zip(self.plan.groups, self.factored) if f == factored]
 
 
 def layout_or_none(apply_fn: Callable, params: PyTree, x: PyTree) -> Layout | None:
@@ -123,8 +128,8 @@ def zeros(layout: Layout, params: PyTree, batch_shape: tuple[int, ...]) -> LowRa
       dense=tuple(jnp.zeros(batch_shape + leaves[i].shape, leaves[i].dtype)
                   for i in layout.plan.fallback),
       blocks=tuple(z(d) for f, d, _ in specs if not f),
-      left=tuple(z((g, c, 2 * s)) for f, (g, c, _), s in specs if f),
-      right=tuple(z((g, o, 2 * s)) for f, (g, _, o), s in specs if f))
+      left=tuple(z((g, 2 * s, c)) for f, (g, c, _), s in specs if f),
+      right=tuple(z((g, 2 * s, o)) for f, (g, _, o), s in specs if f))
 
 
 def vector_size(layout: Layout, params: PyTree) -> int:
@@ -149,16 +154,12 @@ def to_pytree(layout: Layout, params: PyTree, v: LowRankVectors) -> PyTree:
   out = [jnp.zeros_like(p) for p in leaves]
   for i, a in zip(layout.plan.fallback, v.dense):
     out[i] = a.astype(leaves[i].dtype)
-  blocks = iter(v.blocks)
-  factors = iter(zip(v.left, v.right))
+  blocks, factors = iter(v.blocks), iter(zip(v.left, v.right))
   for group, factored in zip(layout.plan.groups, layout.factored):
-    if factored:
-      left, right = next(factors)
-      block = jnp.einsum("gcr,gor->gco", left, right, precision=_HIGHEST)
-    else:
-      block = next(blocks)
+    block = _mm("grc,gro->gco", *next(factors)) if factored else next(blocks)
     index = group.uses[0].index
-    weight = structured._permute(block[:, :index.shape[1], :].reshape(-1), np.argsort(index.reshape(-1)))
+    weight = structured._permute(block[:, :index.shape[1], :].reshape(-1),
+                                 np.argsort(index.reshape(-1)))
     out[group.leaf] = weight.reshape(leaves[group.leaf].shape).astype(leaves[group.leaf].dtype)
     if group.bias_leaf is not None:
       bias = structured._permute(block[0, -1, :], np.argsort(group.bias_index))
@@ -167,78 +168,11 @@ def to_pytree(layout: Layout, params: PyTree, v: LowRankVectors) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
-# ---------------------------------------------------------------- vector algebra
-
-
-def _gram(l1, r1, l2, r2) -> jax.Array:
-  """``⟨l1 r1ᵀ, l2 r2ᵀ⟩_F`` summed over groups ``g``."""
-  ll = jnp.einsum("gcr,gcq->grq", l1, l2, precision=_HIGHEST)
-  rr = jnp.einsum("gor,goq->grq", r1, r2, precision=_HIGHEST)
-  return jnp.sum(ll * rr)
-
-
-def vdot(u: LowRankVectors, v: LowRankVectors) -> jax.Array:
-  parts = [jnp.vdot(a, b) for a, b in zip(u.dense + u.blocks, v.dense + v.blocks)]
-  parts += [_gram(l1, r1, l2, r2) for l1, r1, l2, r2 in zip(u.left, u.right, v.left, v.right)]
+def _sq_norm(v: LowRankVectors) -> jax.Array:
+  parts = [jnp.vdot(a, a) for a in v.dense + v.blocks]
+  parts += [jnp.sum(_mm("grc,gqc->grq", l, l) * _mm("gro,gqo->grq", r, r))
+            for l, r in zip(v.left, v.right)]
   return sum(parts[1:], parts[0])
-
-
-def _halves(a: jax.Array, first, second) -> jax.Array:
-  """``[first · a₁, second · a₂]`` for the two column halves ``a = [a₁, a₂]`` (no copies)."""
-  pair = a.reshape(a.shape[:-1] + (2, a.shape[-1] // 2))
-  weights = jnp.stack([jnp.asarray(first, a.dtype), jnp.asarray(second, a.dtype)])
-  return (pair * weights[:, None]).reshape(a.shape)
-
-
-def scale(s: jax.Array, v: LowRankVectors) -> LowRankVectors:
-  """``s · v``: dense leaves, blocks, and the ``Ȧ`` / ``Ġ`` columns of each factor pair
-  (the ``A`` / ``G`` columns of a problem's vectors stay the same arrays)."""
-  return LowRankVectors(dense=tuple(s * a for a in v.dense),
-                        blocks=tuple(s * a for a in v.blocks),
-                        left=tuple(_halves(a, 1.0, s) for a in v.left),
-                        right=tuple(_halves(a, s, 1.0) for a in v.right))
-
-
-def _residual_sq(w: LowRankVectors, v: LowRankVectors, theta: jax.Array) -> jax.Array:
-  """``‖w − θ v‖²`` from differences of factor columns.
-
-  With ``w = A_w Ġ_wᵀ + Ȧ_w G_wᵀ`` (per factored layer) and ``v`` likewise,
-  ``w − θ v = A_w (Ġ_w − θĠ_v)ᵀ + (Ȧ_w − θȦ_v) G_wᵀ − θ (A_v − A_w) Ġ_vᵀ
-  − θ Ȧ_v (G_v − G_w)ᵀ``: when ``v`` comes from the same problem (same ``A``,
-  ``G``) the last two terms vanish exactly, and no large terms cancel.
-  """
-  parts = [jnp.sum(jnp.square(a - theta * b))
-           for a, b in zip(w.dense + w.blocks, v.dense + v.blocks)]
-  for lw, rw, lv, rv in zip(w.left, w.right, v.left, v.right):
-    left = jnp.concatenate([lw - _halves(lv, 0.0, theta), lv - _halves(lw, 1.0, 0.0)], -1)
-    right = jnp.concatenate([rw - _halves(rv, theta, 0.0),
-                             _halves(rw, 0.0, theta) - theta * rv], -1)
-    parts.append(_gram(left, right, left, right))
-  return sum(parts[1:], parts[0])
-
-
-def _dots(v: LowRankVectors, w: LowRankVectors) -> tuple[jax.Array, jax.Array]:
-  """``(⟨v, w⟩, ‖w‖²)`` with one Gram product per factored layer."""
-  vw = [jnp.vdot(a, b) for a, b in zip(v.dense + v.blocks, w.dense + w.blocks)]
-  ww = [jnp.vdot(b, b) for b in w.dense + w.blocks]
-  for lv, rv, lw, rw in zip(v.left, v.right, w.left, w.right):
-    r = lv.shape[-1]
-    both_l = jnp.concatenate([lv, lw], -1)
-    both_r = jnp.concatenate([rv, rw], -1)
-    gram = (jnp.einsum("gcr,gcq->grq", both_l, lw, precision=_HIGHEST)
-            * jnp.einsum("gor,goq->grq", both_r, rw, precision=_HIGHEST))
-    vw.append(jnp.sum(gram[:, :r]))
-    ww.append(jnp.sum(gram[:, r:]))
-  return sum(vw[1:], vw[0]), sum(ww[1:], ww[0])
-
-
-def _where(pred, u: LowRankVectors, v: LowRankVectors) -> LowRankVectors:
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), u, v)
-
-
-def _normalized(w: LowRankVectors, fallback: LowRankVectors) -> LowRankVectors:
-  norm = jnp.sqrt(jnp.maximum(vdot(w, w), 0.0))
-  return _where(norm > 0, scale(1.0 / jnp.where(norm > 0, norm, 1.0), w), fallback)
 
 
 # ------------------------------------------------------------------- the problem
@@ -246,11 +180,21 @@ def _normalized(w: LowRankVectors, fallback: LowRankVectors) -> LowRankVectors:
 
 @dataclasses.dataclass
 class _Problem:
-  """One (example, output) Hessian, linearised: primal layer data and the linear map."""
-  inputs: list          # per group, per use: A (g, s, c)
-  cotangents: list      # per group, per use: G (g, s, o)
-  grad_dense: list      # ∇ f_a on the dense leaves
-  linear: Callable      # (v_fb, eps tangents, beta tangents) -> tangents of the above
+  """One (example, output) Hessian, linearised.
+
+  Per group, the uses' layer inputs ``A`` (``(g, s, c)`` each) and output
+  cotangents ``G`` (``(g, s, o)``), their rows of all uses stacked (``a``,
+  ``g``: ``(g, S, ·)``) and Gram matrices ``aa = a aᵀ``, ``gg = g gᵀ``; the
+  gradient on the dense leaves; the linear map of the tangents.
+  """
+  inputs: list
+  cotangents: list
+  a: list
+  g: list
+  aa: list
+  gg: list
+  grad_dense: list
+  linear: Callable
 
 
 def linearize(layout: Layout, param_vals: list, x_leaves: list, output: jax.Array) -> _Problem:
@@ -275,7 +219,11 @@ def linearize(layout: Layout, param_vals: list, x_leaves: list, output: jax.Arra
 
   (g_fb, g_eps, flat), linear = jax.linearize(gradients, fb0, eps0, beta0)
   inputs, cotangents = _per_group(plan, flat, g_eps)
-  return _Problem(inputs=inputs, cotangents=cotangents, grad_dense=g_fb, linear=linear)
+  a = [jnp.concatenate(x, axis=-2) for x in inputs]
+  g = [jnp.concatenate(x, axis=-2) for x in cotangents]
+  return _Problem(inputs=inputs, cotangents=cotangents, a=a, g=g,
+                  aa=[_mm("gsc,gtc->gst", x, x) for x in a],
+                  gg=[_mm("gso,gto->gst", x, x) for x in g], grad_dense=g_fb, linear=linear)
 
 
 def _per_group(plan, flat_inputs: list, eps_values: list):
@@ -290,80 +238,162 @@ def _per_group(plan, flat_inputs: list, eps_values: list):
   return inputs, cotangents
 
 
-def _positions(arrays: list) -> jax.Array:
-  """Uses' ``(g, s, ·)`` arrays -> ``(g, ·, S)``: positions of all uses as columns."""
-  return jnp.concatenate([jnp.swapaxes(a, -1, -2) for a in arrays], axis=-1)
+# ------------------------------------------------ vectors of one problem's frame
 
 
-def _product(layout: Layout, problem: _Problem, v_dense: list,
-             weights: list[Callable]) -> LowRankVectors:
-  """``H v`` from the dense part of ``v`` and, per group, ``weights[i](A, G) = (A Ẇ, G Ẇᵀ)``."""
-  plan = layout.plan
-  eps_dot, beta_dot = {}, []
-  for group, apply_w, inputs, cotangents in zip(plan.groups, weights, problem.inputs,
-                                                problem.cotangents):
-    for use, a, g in zip(group.uses, inputs, cotangents):
-      forward, backward = apply_w(a, g)
-      eps_dot[use.rec] = structured._layer_output(plan, use, forward)
-      beta_dot.append(backward)
-  g_fb, g_eps, flat = problem.linear(list(v_dense), [eps_dot[r] for r in plan.perturbed],
-                                     beta_dot)
-  inputs_dot, cotangents_dot = _per_group(plan, flat, g_eps)
-  blocks, left, right = [], [], []
-  for factored, a, a_dot, g, g_dot in zip(layout.factored, problem.inputs, inputs_dot,
-                                          problem.cotangents, cotangents_dot):
-    if factored:  # [Aᵀ, Ȧᵀ], [Ġᵀ, Gᵀ]
-      left.append(jnp.concatenate([_positions(a), _positions(a_dot)], -1))
-      right.append(jnp.concatenate([_positions(g_dot), _positions(g)], -1))
-    else:  # Aᵀ Ġ + Ȧᵀ G, summed over positions and uses
-      blocks.append(sum(jnp.einsum("gsc,gso->gco", a1, g1, precision=_HIGHEST)
-                        + jnp.einsum("gsc,gso->gco", a2, g2, precision=_HIGHEST)
-                        for a1, g1, a2, g2 in zip(a, g_dot, a_dot, g)))
-  return LowRankVectors(dense=tuple(g_fb), blocks=tuple(blocks), left=tuple(left),
-                        right=tuple(right))
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+  """A vector ``A Ġᵀ + Ȧ Gᵀ`` per factored group with this problem's ``A``, ``G``
+  (rows ``adot`` ``(g, S, c)``, ``gdot`` ``(g, S, o)``), plus dense leaves and blocks."""
+  dense: tuple
+  blocks: tuple
+  adot: tuple
+  gdot: tuple
 
 
-def _block_weight(block):
-  return lambda a, g: (jnp.einsum("gsc,gco->gso", a, block, precision=_HIGHEST),
-                       jnp.einsum("gso,gco->gsc", g, block, precision=_HIGHEST))
+def _frame_map(f, *frames: _Frame) -> _Frame:
+  return jax.tree.map(f, *frames)
 
 
-def _factor_weight(left, right):
-  def apply_w(a, g):
-    forward = jnp.einsum("gsc,gcr->gsr", a, left, precision=_HIGHEST)
-    backward = jnp.einsum("gso,gor->gsr", g, right, precision=_HIGHEST)
-    return (jnp.einsum("gsr,gor->gso", forward, right, precision=_HIGHEST),
-            jnp.einsum("gsr,gcr->gsc", backward, left, precision=_HIGHEST))
-  return apply_w
+def _factored(layout: Layout, per_group: list) -> list:
+  """The entries of the factored groups."""
+  return [x for x, f in zip(per_group, layout.factored) if f]
 
 
-def hvp(layout: Layout, problem: _Problem, v: LowRankVectors) -> LowRankVectors:
-  """``H v`` for ``v`` in this layout."""
-  blocks, factors = iter(v.blocks), iter(zip(v.left, v.right))
-  weights = [_factor_weight(*next(factors)) if f else _block_weight(next(blocks))
-             for f in layout.factored]
-  return _product(layout, problem, v.dense, weights)
-
-
-def hvp_dense(layout: Layout, problem: _Problem, v_leaves: list) -> LowRankVectors:
-  """``H v`` for a params-like ``v`` given as its list of leaves."""
-  weights = [_block_weight(_block(group, v_leaves)) for group in layout.plan.groups]
-  return _product(layout, problem, [v_leaves[i] for i in layout.plan.fallback], weights)
-
-
-def _dense_vdot(layout: Layout, v_leaves: list, w: LowRankVectors) -> jax.Array:
-  """``⟨v, w⟩`` for a params-like ``v`` (its leaves) and ``w`` in this layout."""
-  parts = [jnp.vdot(v_leaves[i], a) for i, a in zip(layout.plan.fallback, w.dense)]
-  blocks, factors = iter(w.blocks), iter(zip(w.left, w.right))
-  for group, factored in zip(layout.plan.groups, layout.factored):
-    v_block = _block(group, v_leaves)
-    if factored:
-      left, right = next(factors)
-      parts.append(jnp.sum(jnp.einsum("gco,gor->gcr", v_block, right, precision=_HIGHEST)
-                           * left))
+def _injections(layout: Layout, problem: _Problem, v: _Frame) -> tuple[list, list]:
+  """Per use of every group: ``A_u Ẇ`` and ``G_u Ẇᵀ`` for ``v`` in this problem's frame."""
+  forward, backward = [], []
+  blocks, frames = iter(v.blocks), iter(zip(v.adot, v.gdot))
+  for i, factored in enumerate(layout.factored):
+    if factored:  # Ẇ = aᵀ ġ + ȧᵀ g
+      adot, gdot = next(frames)
+      a_w, g_w = _mm("gsc,gtc->gst", adot, problem.a[i]), _mm("gso,gto->gst", gdot, problem.g[i])
+      start = 0
+      for a_u, g_u in zip(problem.inputs[i], problem.cotangents[i]):
+        rows = slice(start, start + a_u.shape[1])
+        start += a_u.shape[1]
+        forward.append(_mm("gst,gto->gso", problem.aa[i][:, rows], gdot)
+                       + _mm("gts,gto->gso", a_w[:, :, rows], problem.g[i]))
+        backward.append(_mm("gts,gtc->gsc", g_w[:, :, rows], problem.a[i])
+                        + _mm("gst,gtc->gsc", problem.gg[i][:, rows], adot))
     else:
-      parts.append(jnp.vdot(v_block, next(blocks)))
-  return sum(parts[1:], parts[0])
+      block = next(blocks)
+      for a_u, g_u in zip(problem.inputs[i], problem.cotangents[i]):
+        forward.append(_mm("gsc,gco->gso", a_u, block))
+        backward.append(_mm("gso,gco->gsc", g_u, block))
+  return forward, backward
+
+
+def _external_injections(layout: Layout, problem: _Problem, v0: Any) -> tuple[list, list, list]:
+  """``(dense tangent, A_u Ẇ, G_u Ẇᵀ)`` of a start vector: a :class:`LowRankVectors`
+  (factors of another problem or call) or the leaves of a params-like vector."""
+  forward, backward = [], []
+  if isinstance(v0, LowRankVectors):
+    dense = list(v0.dense)
+    blocks, factors = iter(v0.blocks), iter(zip(v0.left, v0.right))
+    weights = [next(factors) if f else next(blocks) for f in layout.factored]
+  else:
+    dense = [v0[i] for i in layout.plan.fallback]
+    weights = [_block(group, v0) for group in layout.plan.groups]
+  for weight, inputs, cotangents in zip(weights, problem.inputs, problem.cotangents):
+    for a_u, g_u in zip(inputs, cotangents):
+      if isinstance(weight, tuple):  # Ẇ = leftᵀ right
+        left, right = weight
+        forward.append(_mm("gsr,gro->gso", _mm("gsc,grc->gsr", a_u, left), right))
+        backward.append(_mm("gsr,grc->gsc", _mm("gso,gro->gsr", g_u, right), left))
+      else:
+        forward.append(_mm("gsc,gco->gso", a_u, weight))
+        backward.append(_mm("gso,gco->gsc", g_u, weight))
+  return dense, forward, backward
+
+
+def _product(layout: Layout, problem: _Problem, dense: list, forward: list,
+             backward: list) -> _Frame:
+  """``H v`` from ``v``'s dense part and its injections ``A_u Ẇ``, ``G_u Ẇᵀ``."""
+  plan = layout.plan
+  uses = [u for group in plan.groups for u in group.uses]
+  eps_dot = {u.rec: structured._layer_output(plan, u, y) for u, y in zip(uses, forward)}
+  g_fb, g_eps, flat = problem.linear(list(dense), [eps_dot[r] for r in plan.perturbed],
+                                     list(backward))
+  inputs_dot, cotangents_dot = _per_group(plan, flat, g_eps)
+  blocks, adot, gdot = [], [], []
+  for i, factored in enumerate(layout.factored):
+    if factored:
+      adot.append(jnp.concatenate(inputs_dot[i], axis=-2))
+      gdot.append(jnp.concatenate(cotangents_dot[i], axis=-2))
+    else:  # Aᵀ Ġ + Ȧᵀ G, summed over positions and uses
+      blocks.append(sum(_mm("gsc,gso->gco", a, gd) + _mm("gsc,gso->gco", ad, g)
+                        for a, gd, ad, g in zip(problem.inputs[i], cotangents_dot[i],
+                                                inputs_dot[i], problem.cotangents[i])))
+  return _Frame(dense=tuple(g_fb), blocks=tuple(blocks), adot=tuple(adot), gdot=tuple(gdot))
+
+
+def hvp(layout: Layout, problem: _Problem, v: _Frame) -> _Frame:
+  """``H v`` for ``v`` in this problem's frame."""
+  forward, backward = _injections(layout, problem, v)
+  return _product(layout, problem, v.dense, forward, backward)
+
+
+def hvp_external(layout: Layout, problem: _Problem, v0: Any) -> _Frame:
+  """``H v₀`` for a :class:`LowRankVectors` or the leaves of a params-like vector."""
+  return _product(layout, problem, *_external_injections(layout, problem, v0))
+
+
+def _frame_dots(layout: Layout, problem: _Problem, v: _Frame, w: _Frame, theta=None):
+  """``⟨v, w⟩`` and ``‖w‖²``; with ``theta``, ``‖w − θ v‖²`` from the row differences.
+
+  Per factored group, ``⟨A Ġ_vᵀ + Ȧ_v Gᵀ, A Ġ_wᵀ + Ȧ_w Gᵀ⟩`` is a sum of Gram
+  products: one ``(rows × rows)`` Gram matrix of ``[A; Ȧ_v; Ȧ_w]`` and one of
+  ``[G; Ġ_v; Ġ_w]``.
+  """
+  if theta is not None:  # ‖A Δġᵀ + Δȧ Gᵀ‖² with Δ = w − θ v, elementwise
+    diff = _frame_map(lambda a, b: a - theta * b, w, v)
+    parts = [jnp.vdot(a, a) for a in diff.dense + diff.blocks]
+    for a, g, aa, gg, adot, gdot in zip(*(_factored(layout, x) for x in (
+        problem.a, problem.g, problem.aa, problem.gg)), diff.adot, diff.gdot):
+      parts.append(jnp.sum(aa * _mm("gso,gto->gst", gdot, gdot))
+                   + 2.0 * jnp.sum(_mm("gsc,gtc->gst", a, adot) * _mm("gso,gto->gst", gdot, g))
+                   + jnp.sum(_mm("gsc,gtc->gst", adot, adot) * gg))
+    return sum(parts[1:], parts[0])
+  vw = [jnp.vdot(a, b) for a, b in zip(v.dense + v.blocks, w.dense + w.blocks)]
+  ww = [jnp.vdot(b, b) for b in w.dense + w.blocks]
+  for a, g, adot_v, gdot_v, adot_w, gdot_w in zip(
+      _factored(layout, problem.a), _factored(layout, problem.g), v.adot, v.gdot, w.adot, w.gdot):
+    s = a.shape[1]
+    rows_c = jnp.concatenate([a, adot_v, adot_w], axis=1)
+    rows_o = jnp.concatenate([g, gdot_v, gdot_w], axis=1)
+    cc = _mm("gsc,gtc->gst", rows_c, rows_c)
+    oo = _mm("gso,gto->gst", rows_o, rows_o)
+    block = lambda m, i, j: m[:, i * s:(i + 1) * s, j * s:(j + 1) * s]
+    # v = A Ġ_vᵀ + Ȧ_v Gᵀ (rows 0, 1), w = A Ġ_wᵀ + Ȧ_w Gᵀ (rows 0, 2).
+    vw.append(jnp.sum(block(cc, 0, 0) * block(oo, 1, 2)) + jnp.sum(block(cc, 0, 2) * block(oo, 1, 0))
+              + jnp.sum(block(cc, 1, 0) * block(oo, 0, 2)) + jnp.sum(block(cc, 1, 2) * block(oo, 0, 0)))
+    ww.append(jnp.sum(block(cc, 0, 0) * block(oo, 2, 2)) + 2.0 * jnp.sum(block(cc, 0, 2) * block(oo, 2, 0))
+              + jnp.sum(block(cc, 2, 2) * block(oo, 0, 0)))
+  return sum(vw[1:], vw[0]), sum(ww[1:], ww[0])
+
+
+def to_low_rank(layout: Layout, problem: _Problem, v: _Frame) -> LowRankVectors:
+  """The :class:`LowRankVectors` of a vector in this problem's frame."""
+  return LowRankVectors(
+      dense=v.dense, blocks=v.blocks,
+      left=tuple(jnp.concatenate([a, adot], axis=1)
+                 for a, adot in zip(_factored(layout, problem.a), v.adot)),
+      right=tuple(jnp.concatenate([gdot, g], axis=1)
+                  for g, gdot in zip(_factored(layout, problem.g), v.gdot)))
+
+
+def _gradient(layout: Layout, problem: _Problem) -> LowRankVectors:
+  """``∇_θ f_a`` (``Ȧ = 0``, ``Ġ = G``)."""
+  blocks = [sum(_mm("gsc,gso->gco", a, g) for a, g in zip(inputs, cotangents))
+            for inputs, cotangents, f in zip(problem.inputs, problem.cotangents, layout.factored)
+            if not f]
+  return LowRankVectors(
+      dense=tuple(problem.grad_dense), blocks=tuple(blocks),
+      left=tuple(jnp.concatenate([a, jnp.zeros_like(a)], axis=1)
+                 for a in _factored(layout, problem.a)),
+      right=tuple(jnp.concatenate([g, g], axis=1) for g in _factored(layout, problem.g)))
 
 
 # ------------------------------------------------------------------------ solver
@@ -374,111 +404,142 @@ def _dense_vdot(layout: Layout, v_leaves: list, w: LowRankVectors) -> jax.Array:
 class State:
   """Power iteration on ``H²`` in half steps (one Hessian-vector product each).
 
-  ``phase`` 0 computes ``u = H v``; phase 1 computes ``w = H u`` and updates
-  ``v``, ``theta``, ``residual``, ``iterations`` and ``converged`` as an
-  iteration of power iteration on ``H²`` does.
+  ``phase`` 0 computes ``u = H v`` (at the very first half step ``H v₀``, from
+  the start's precomputed injections); phase 1 computes ``w = H u`` and
+  updates ``v``, ``theta``, ``residual``, ``iterations`` and ``converged`` as
+  an iteration of power iteration on ``H²`` does.
   """
-  v: LowRankVectors
-  u: LowRankVectors
+  v: _Frame
+  u: _Frame
   phase: jax.Array
   theta: jax.Array
   residual: jax.Array
   iterations: jax.Array
   converged: jax.Array
+  y_sq: jax.Array       # ‖·‖² of the last product (at phase 1: ‖u‖²)
+  w_sq: jax.Array       # ‖w‖² of the last iteration
 
 
-def _state(v: LowRankVectors, u: LowRankVectors, phase: int, theta, residual, converged,
-           iterations: int) -> State:
-  return State(v=v, u=u, phase=jnp.asarray(phase, jnp.int32), theta=theta, residual=residual,
-               iterations=jnp.asarray(iterations, jnp.int32), converged=converged)
+def _scale_low_rank(s: jax.Array, v: LowRankVectors) -> LowRankVectors:
+  """``s · v``, scaling the ``Ȧ`` and ``Ġ`` rows (``A``, ``G`` rows stay as they are)."""
+  def halves(a, first, second):
+    r = a.shape[-2] // 2
+    return jnp.concatenate([first * a[..., :r, :], second * a[..., r:, :]], axis=-2)
+  return LowRankVectors(dense=tuple(s * a for a in v.dense), blocks=tuple(s * a for a in v.blocks),
+                        left=tuple(halves(a, 1.0, s) for a in v.left),
+                        right=tuple(halves(a, s, 1.0) for a in v.right))
 
 
-def start(v0: LowRankVectors) -> State:
-  """Before the first iteration from ``v0`` (normalised, as power iteration does)."""
-  v = _normalized(v0, v0)
-  zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(v0)))
-  return _state(v, v, 0, zero, zero, jnp.zeros((), bool), 0)
+def _start_scalars(layout: Layout, problem: _Problem, v0: LowRankVectors, w: _Frame):
+  """``(⟨v₀, w⟩, ‖w − θ v₀‖²)`` for a factored start ``v₀`` (any problem's frame).
 
-
-def first_iteration_dense(layout: Layout, problem: _Problem, v0_leaves: list, tol: float
-                          ) -> tuple[State, jax.Array]:
-  """The first iteration from a params-like ``v₀`` (its leaves, unnormalised).
-
-  ``θ = ⟨v₀, H u⟩ = ‖u‖²`` with ``u = H v₀``, and ``‖w − θ v₀‖² = ‖w‖² − 2θ²
-  + θ²‖v₀‖²``. Returns the state and whether ``w = H² v₀ = 0``: power
-  iteration then keeps ``v₀``, which a :class:`LowRankVectors` cannot hold,
-  so ``v`` is the unit gradient there and the caller may put ``v₀`` back.
+  Per factored group, with ``w``'s rows ``A, Ȧ, Ġ, G`` and ``v₀``'s ``A', Ȧ', Ġ', G'``:
+  ``w − θ v₀ = A (Ġ − θĠ')ᵀ + (Ȧ − θȦ') Gᵀ − θ (A' − A) Ġ'ᵀ − θ Ȧ' (G' − G)ᵀ``,
+  differences taken elementwise, so no large terms cancel.
   """
-  sq = sum(jnp.vdot(a, a) for a in v0_leaves)
-  v0 = [a / jnp.where(sq > 0, jnp.sqrt(sq), 1.0) for a in v0_leaves]
-  u = hvp_dense(layout, problem, v0)
-  w = hvp(layout, problem, u)
-  theta = vdot(u, u)
-  w_sq = vdot(w, w)
-  v0_sq = sum(jnp.vdot(a, a) for a in v0)
-  residual = jnp.sqrt(jnp.maximum(w_sq - 2.0 * theta * theta + theta * theta * v0_sq, 0.0))
-  gradient = _gradient(layout, problem)
-  v = _normalized(w, _normalized(gradient, gradient))
-  state = _state(v, w, 0, theta, residual, residual <= tol * jnp.abs(theta), 1)
-  return state, w_sq == 0
+  w_rows = to_low_rank(layout, problem, w)
+  vw = [jnp.vdot(a, b) for a, b in zip(v0.dense + v0.blocks, w.dense + w.blocks)]
+  for l0, r0, l1, r1 in zip(v0.left, v0.right, w_rows.left, w_rows.right):
+    vw.append(jnp.sum(_mm("grc,gqc->grq", l0, l1) * _mm("gro,gqo->grq", r0, r1)))
+  theta = sum(vw[1:], vw[0])
+  res = [jnp.sum(jnp.square(b - theta * a)) for a, b in zip(v0.dense + v0.blocks,
+                                                           w.dense + w.blocks)]
+  for l0, r0, l1, r1 in zip(v0.left, v0.right, w_rows.left, w_rows.right):
+    s = l0.shape[-2] // 2
+    (a0, ad0), (gd0, g0) = (l0[:, :s], l0[:, s:]), (r0[:, :s], r0[:, s:])
+    (a1, ad1), (gd1, g1) = (l1[:, :s], l1[:, s:]), (r1[:, :s], r1[:, s:])
+    left = jnp.concatenate([a1, ad1 - theta * ad0, a0 - a1, ad0], axis=1)
+    right = jnp.concatenate([gd1 - theta * gd0, g1, -theta * gd0, -theta * (g0 - g1)], axis=1)
+    res.append(jnp.sum(_mm("grc,gqc->grq", left, left) * _mm("gro,gqo->grq", right, right)))
+  return theta, sum(res[1:], res[0])
 
 
-def _gradient(layout: Layout, problem: _Problem) -> LowRankVectors:
-  """``∇_θ f_a`` in this layout (``Ȧ = 0``, ``Ġ = G``)."""
-  blocks, left, right = [], [], []
-  for inputs, cotangents, factored in zip(problem.inputs, problem.cotangents, layout.factored):
-    if factored:
-      left.append(jnp.concatenate([_positions(inputs), jnp.zeros_like(_positions(inputs))], -1))
-      right.append(jnp.concatenate([_positions(cotangents)] * 2, -1))
-    else:
-      blocks.append(sum(jnp.einsum("gsc,gso->gco", a, g, precision=_HIGHEST)
-                        for a, g in zip(inputs, cotangents)))
-  return LowRankVectors(dense=tuple(problem.grad_dense), blocks=tuple(blocks),
-                        left=tuple(left), right=tuple(right))
+def iterate(layout: Layout, problem: _Problem, v0: Any, num_iters: int, tol: float) -> State:
+  """Power iteration on ``H²`` from ``v0`` (normalised first, as power iteration does).
 
-
-def iterate(layout: Layout, problem: _Problem, state: State, num_iters: int,
-            tol: float) -> State:
-  """Half steps until ``converged`` or ``num_iters`` iterations."""
+  The first half step applies ``H`` to ``v₀`` through its precomputed
+  injections; the first iteration's ``θ`` and residual compare with ``v₀``:
+  exactly (:func:`_start_scalars`) for a :class:`LowRankVectors`, and for a
+  params-like ``v₀`` as ``θ = ‖u‖²``, ``‖w‖² − 2θ² + θ²‖v₀‖²`` (which loses
+  accuracy only when the start is already converged to ``√ε``).
+  """
+  factored = isinstance(v0, LowRankVectors)
+  sq = _sq_norm(v0) if factored else sum(jnp.vdot(a, a) for a in v0)
+  inv = 1.0 / jnp.where(sq > 0, jnp.sqrt(sq), 1.0)
+  if factored:
+    v0 = _scale_low_rank(inv, v0)
+    start_dense, start_fwd, start_bwd = _external_injections(layout, problem, v0)
+  else:
+    v0 = [a * inv for a in v0]
+    start_dense, start_fwd, start_bwd = _external_injections(layout, problem, v0)
+  v0_sq = sq * inv * inv
+  zero_frame = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      lambda: hvp_external(layout, problem, v0)))
+  zero = jnp.zeros((), v0_sq.dtype)
 
   def cond(s):
     return jnp.logical_and(~s.converged, s.iterations < num_iters)
 
   def body(s):
-    y = hvp(layout, problem, _where(s.phase == 0, s.v, s.u))
-    theta, y_sq = _dots(s.v, y)
-    residual = jnp.sqrt(jnp.maximum(_residual_sq(y, s.v, theta), 0.0))
+    first = s.iterations == 0
+    z = _frame_map(lambda a, b: jnp.where(s.phase == 0, a, b), s.v, s.u)
+    forward, backward = _injections(layout, problem, z)
+    at_start = first & (s.phase == 0)
+    pick = lambda a, b: jnp.where(at_start, a, b)
+    y = _product(layout, problem, jax.tree.map(pick, start_dense, list(z.dense)),
+                 jax.tree.map(pick, start_fwd, forward), jax.tree.map(pick, start_bwd, backward))
+    vw, y_sq = _frame_dots(layout, problem, s.v, y)
+    if factored:
+      theta_0, residual_sq_0 = _start_scalars(layout, problem, v0, y)
+    else:  # ⟨v₀, H u⟩ = ‖u‖²
+      theta_0 = s.y_sq
+      residual_sq_0 = y_sq - 2.0 * theta_0 * theta_0 + theta_0 * theta_0 * v0_sq
+    theta = jnp.where(first, theta_0, vw)
+    residual_sq = jnp.where(first, residual_sq_0, _frame_dots(layout, problem, s.v, y, theta))
+    residual = jnp.sqrt(jnp.maximum(residual_sq, 0.0))
     norm = jnp.sqrt(jnp.maximum(y_sq, 0.0))
-    unit = scale(1.0 / jnp.where(norm > 0, norm, 1.0), y)
+    step = (s.phase == 1) & (norm > 0)
+    unit = 1.0 / jnp.where(norm > 0, norm, 1.0)
     done = s.phase == 1
     keep = lambda new, old: jnp.where(done, new, old)
-    return State(v=_where(done & (norm > 0), unit, s.v), u=_where(done, s.u, y),
+    return State(v=_frame_map(lambda a, b: jnp.where(step, a * unit, b), y, s.v),
+                 u=_frame_map(lambda a, b: jnp.where(done, a, b), s.u, y),
                  phase=1 - s.phase, theta=keep(theta, s.theta),
                  residual=keep(residual, s.residual),
                  iterations=s.iterations + done.astype(jnp.int32),
-                 converged=keep(residual <= tol * jnp.abs(theta), s.converged))
+                 converged=keep(residual <= tol * jnp.abs(theta), s.converged),
+                 y_sq=y_sq, w_sq=keep(y_sq, s.w_sq))
 
-  return lax.while_loop(cond, body, state)
+  init = State(v=zero_frame, u=zero_frame, phase=jnp.zeros((), jnp.int32), theta=zero,
+               residual=zero, iterations=jnp.zeros((), jnp.int32),
+               converged=jnp.zeros((), bool), y_sq=zero, w_sq=zero)
+  return lax.while_loop(cond, body, init)
 
 
 def solve(layout: Layout, params: PyTree, xi: PyTree, output: jax.Array, v0: Any, *,
           num_iters: int, tol: float):
-  """One eigenproblem (unbatched; ``vmap`` it) from ``v0``: ``(θ, v, iterations, converged,
-  zero)``, ``θ`` estimating ``λ_max(H²)``.
+  """One eigenproblem (unbatched; ``vmap`` it) from ``v0``: ``(θ, v, iterations,
+  converged, kept)``, ``θ`` estimating ``λ_max(H²)``, ``v`` a :class:`LowRankVectors`.
 
-  ``v0`` is a :class:`LowRankVectors` in this layout, or the leaves of a
-  params-like vector; ``zero`` flags ``H² v₀ = 0`` for the latter (see
-  :func:`first_iteration_dense`).
+  ``v0`` is a :class:`LowRankVectors` or the leaves of a params-like vector.
+  ``kept`` flags ``H² v₀ = 0``: power iteration then keeps ``v₀``; ``v`` is
+  ``v₀`` for a ``LowRankVectors`` and the unit gradient otherwise (a caller
+  with dense vectors puts ``v₀`` back).
   """
   param_vals = jax.tree.leaves(params)
   x_leaves = [a[None] for a in jax.tree.leaves(xi)]
   problem = linearize(layout, param_vals, x_leaves, output)
+  state = iterate(layout, problem, v0, num_iters, tol)
+  kept = (state.iterations == 1) & (state.w_sq == 0)
+  v = to_low_rank(layout, problem, state.v)
   if isinstance(v0, LowRankVectors):
-    state, zero = start(v0), jnp.zeros((), bool)
+    fallback = v0
   else:
-    state, zero = first_iteration_dense(layout, problem, v0, tol)
-  state = iterate(layout, problem, state, num_iters, tol)
-  return state.theta, state.v, state.iterations, state.converged, zero
+    gradient = _gradient(layout, problem)
+    fallback = jax.tree.map(lambda a: a / jnp.sqrt(jnp.maximum(_sq_norm(gradient), 1e-30)),
+                            gradient)
+  v = jax.tree.map(lambda a, b: jnp.where(kept, a, b), fallback, v)
+  return state.theta, v, state.iterations, state.converged, kept
 
 
 def bytes_per_problem(layout: Layout, params: PyTree) -> int:

@@ -431,8 +431,7 @@ def _hessian_norm_low_rank(layout, params, x, n, k, *, key, init, num_iters, tol
   if isinstance(init, block_hessian.LowRankVectors):
     # A zero placeholder: no warm start yet, every problem starts from a random vector.
     cold = jnp.all(jnp.stack([jnp.all(a == 0) for a in jax.tree.leaves(init)]))
-    random = _tree.tree_random_normal_like(key, init)
-    batched = jax.tree.map(lambda r, a: jnp.where(cold, r, a), random, init)
+    batched = lax.cond(cold, lambda: _tree.tree_random_normal_like(key, init), lambda: init)
   elif init is None:
     shared = jax.tree.leaves(_tree.tree_random_normal_like(key, params))
   else:
