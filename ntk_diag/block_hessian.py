@@ -36,14 +36,12 @@ examples (one forward pass each), then outputs.
 The solver is power iteration on ``H²``, the iterates, stopping rule and
 counts of ``which="magnitude"`` in :func:`ntk_diag.spectral.top_eigenpair`:
 ``w = H(H v)``, ``θ = ⟨v, w⟩``, stop when ``‖w − θ v‖ ≤ tol · |θ|``, else
-``v ← w / ‖w‖``; the estimate is ``sqrt(θ)``. After the first product every
-vector of a problem shares its ``A`` and ``G``, so the loop keeps only
-``(Ȧ, Ġ)`` (a :class:`_Frame` vector); inner products are sums of small
-Gram matrices (``S × S``) of those rows with ``A`` and ``G``, and the
-residual is formed from ``Ȧ_w − θȦ_v`` and ``Ġ_w − θĠ_v``: as accurate as a
-dense difference. At the first iteration (start vector ``v₀`` from
-elsewhere) ``θ = ⟨v₀, H u⟩ = ‖u‖²`` with ``u = H v₀``, and the residual is
-``‖w‖² − 2θ² + θ²‖v₀‖²``.
+``v ← w / ‖w‖``; the estimate is ``sqrt(θ)``. Inner products of factored
+blocks are ``Σ (L₁ L₂ᵀ) ⊙ (R₁ R₂ᵀ)`` (small Gram matrices of contiguous
+rows); a unit vector is scaled in its ``Ȧ``, ``Ġ`` rows only, so all vectors
+of one problem share its ``A``, ``G`` rows and the residual, formed from
+elementwise differences of rows (:func:`_residual_sq`), is as accurate as a
+dense difference.
 """
 
 from __future__ import annotations
@@ -168,13 +166,6 @@ def to_pytree(layout: Layout, params: PyTree, v: LowRankVectors) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
-def _sq_norm(v: LowRankVectors) -> jax.Array:
-  parts = [jnp.vdot(a, a) for a in v.dense + v.blocks]
-  parts += [jnp.sum(_mm("grc,gqc->grq", l, l) * _mm("gro,gqo->grq", r, r))
-            for l, r in zip(v.left, v.right)]
-  return sum(parts[1:], parts[0])
-
-
 # ------------------------------------------------------------------- the problem
 
 
@@ -238,67 +229,27 @@ def _per_group(plan, flat_inputs: list, eps_values: list):
   return inputs, cotangents
 
 
-# ------------------------------------------------ vectors of one problem's frame
+# ------------------------------------------------------------------- products
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Frame:
-  """A vector ``A Ġᵀ + Ȧ Gᵀ`` per factored group with this problem's ``A``, ``G``
-  (rows ``adot`` ``(g, S, c)``, ``gdot`` ``(g, S, o)``), plus dense leaves and blocks."""
-  dense: tuple
-  blocks: tuple
-  adot: tuple
-  gdot: tuple
+def _injections(layout: Layout, problem: _Problem, v: Any) -> tuple[list, list, list]:
+  """``(dense part, A_u Ẇ, G_u Ẇᵀ)`` of ``v`` for every use ``u`` of every group.
 
-
-def _frame_map(f, *frames: _Frame) -> _Frame:
-  return jax.tree.map(f, *frames)
-
-
-def _factored(layout: Layout, per_group: list) -> list:
-  """The entries of the factored groups."""
-  return [x for x, f in zip(per_group, layout.factored) if f]
-
-
-def _injections(layout: Layout, problem: _Problem, v: _Frame) -> tuple[list, list]:
-  """Per use of every group: ``A_u Ẇ`` and ``G_u Ẇᵀ`` for ``v`` in this problem's frame."""
+  ``v`` is a :class:`LowRankVectors` (``Ẇ = leftᵀ right`` on factored groups:
+  ``(A_u leftᵀ) right`` and ``(G_u rightᵀ) left``) or the leaves of a
+  params-like vector.
+  """
   forward, backward = [], []
-  blocks, frames = iter(v.blocks), iter(zip(v.adot, v.gdot))
-  for i, factored in enumerate(layout.factored):
-    if factored:  # Ẇ = aᵀ ġ + ȧᵀ g
-      adot, gdot = next(frames)
-      a_w, g_w = _mm("gsc,gtc->gst", adot, problem.a[i]), _mm("gso,gto->gst", gdot, problem.g[i])
-      start = 0
-      for a_u, g_u in zip(problem.inputs[i], problem.cotangents[i]):
-        rows = slice(start, start + a_u.shape[1])
-        start += a_u.shape[1]
-        forward.append(_mm("gst,gto->gso", problem.aa[i][:, rows], gdot)
-                       + _mm("gts,gto->gso", a_w[:, :, rows], problem.g[i]))
-        backward.append(_mm("gts,gtc->gsc", g_w[:, :, rows], problem.a[i])
-                        + _mm("gst,gtc->gsc", problem.gg[i][:, rows], adot))
-    else:
-      block = next(blocks)
-      for a_u, g_u in zip(problem.inputs[i], problem.cotangents[i]):
-        forward.append(_mm("gsc,gco->gso", a_u, block))
-        backward.append(_mm("gso,gco->gsc", g_u, block))
-  return forward, backward
-
-
-def _external_injections(layout: Layout, problem: _Problem, v0: Any) -> tuple[list, list, list]:
-  """``(dense tangent, A_u Ẇ, G_u Ẇᵀ)`` of a start vector: a :class:`LowRankVectors`
-  (factors of another problem or call) or the leaves of a params-like vector."""
-  forward, backward = [], []
-  if isinstance(v0, LowRankVectors):
-    dense = list(v0.dense)
-    blocks, factors = iter(v0.blocks), iter(zip(v0.left, v0.right))
+  if isinstance(v, LowRankVectors):
+    dense = list(v.dense)
+    blocks, factors = iter(v.blocks), iter(zip(v.left, v.right))
     weights = [next(factors) if f else next(blocks) for f in layout.factored]
   else:
-    dense = [v0[i] for i in layout.plan.fallback]
-    weights = [_block(group, v0) for group in layout.plan.groups]
+    dense = [v[i] for i in layout.plan.fallback]
+    weights = [_block(group, v) for group in layout.plan.groups]
   for weight, inputs, cotangents in zip(weights, problem.inputs, problem.cotangents):
     for a_u, g_u in zip(inputs, cotangents):
-      if isinstance(weight, tuple):  # Ẇ = leftᵀ right
+      if isinstance(weight, tuple):
         left, right = weight
         forward.append(_mm("gsr,gro->gso", _mm("gsc,grc->gsr", a_u, left), right))
         backward.append(_mm("gsr,grc->gsc", _mm("gso,gro->gsr", g_u, right), left))
@@ -308,92 +259,87 @@ def _external_injections(layout: Layout, problem: _Problem, v0: Any) -> tuple[li
   return dense, forward, backward
 
 
-def _product(layout: Layout, problem: _Problem, dense: list, forward: list,
-             backward: list) -> _Frame:
-  """``H v`` from ``v``'s dense part and its injections ``A_u Ẇ``, ``G_u Ẇᵀ``."""
+def hvp(layout: Layout, problem: _Problem, v: Any) -> LowRankVectors:
+  """``H v`` for a :class:`LowRankVectors` or the leaves of a params-like ``v``."""
   plan = layout.plan
+  dense, forward, backward = _injections(layout, problem, v)
   uses = [u for group in plan.groups for u in group.uses]
   eps_dot = {u.rec: structured._layer_output(plan, u, y) for u, y in zip(uses, forward)}
-  g_fb, g_eps, flat = problem.linear(list(dense), [eps_dot[r] for r in plan.perturbed],
-                                     list(backward))
+  g_fb, g_eps, flat = problem.linear(dense, [eps_dot[r] for r in plan.perturbed], backward)
   inputs_dot, cotangents_dot = _per_group(plan, flat, g_eps)
-  blocks, adot, gdot = [], [], []
+  blocks, left, right = [], [], []
   for i, factored in enumerate(layout.factored):
-    if factored:
-      adot.append(jnp.concatenate(inputs_dot[i], axis=-2))
-      gdot.append(jnp.concatenate(cotangents_dot[i], axis=-2))
+    if factored:  # rows [A; Ȧ] and [Ġ; G]
+      left.append(jnp.concatenate([problem.a[i]] + inputs_dot[i], axis=-2))
+      right.append(jnp.concatenate(cotangents_dot[i] + [problem.g[i]], axis=-2))
     else:  # Aᵀ Ġ + Ȧᵀ G, summed over positions and uses
       blocks.append(sum(_mm("gsc,gso->gco", a, gd) + _mm("gsc,gso->gco", ad, g)
                         for a, gd, ad, g in zip(problem.inputs[i], cotangents_dot[i],
                                                 inputs_dot[i], problem.cotangents[i])))
-  return _Frame(dense=tuple(g_fb), blocks=tuple(blocks), adot=tuple(adot), gdot=tuple(gdot))
-
-
-def hvp(layout: Layout, problem: _Problem, v: _Frame) -> _Frame:
-  """``H v`` for ``v`` in this problem's frame."""
-  forward, backward = _injections(layout, problem, v)
-  return _product(layout, problem, v.dense, forward, backward)
-
-
-def hvp_external(layout: Layout, problem: _Problem, v0: Any) -> _Frame:
-  """``H v₀`` for a :class:`LowRankVectors` or the leaves of a params-like vector."""
-  return _product(layout, problem, *_external_injections(layout, problem, v0))
-
-
-def _frame_dots(layout: Layout, problem: _Problem, v: _Frame, w: _Frame, theta=None):
-  """``⟨v, w⟩`` and ``‖w‖²``; with ``theta``, ``‖w − θ v‖²`` from the row differences.
-
-  Per factored group, ``⟨A Ġ_vᵀ + Ȧ_v Gᵀ, A Ġ_wᵀ + Ȧ_w Gᵀ⟩`` is a sum of Gram
-  products: one ``(rows × rows)`` Gram matrix of ``[A; Ȧ_v; Ȧ_w]`` and one of
-  ``[G; Ġ_v; Ġ_w]``.
-  """
-  if theta is not None:  # ‖A Δġᵀ + Δȧ Gᵀ‖² with Δ = w − θ v, elementwise
-    diff = _frame_map(lambda a, b: a - theta * b, w, v)
-    parts = [jnp.vdot(a, a) for a in diff.dense + diff.blocks]
-    for a, g, aa, gg, adot, gdot in zip(*(_factored(layout, x) for x in (
-        problem.a, problem.g, problem.aa, problem.gg)), diff.adot, diff.gdot):
-      parts.append(jnp.sum(aa * _mm("gso,gto->gst", gdot, gdot))
-                   + 2.0 * jnp.sum(_mm("gsc,gtc->gst", a, adot) * _mm("gso,gto->gst", gdot, g))
-                   + jnp.sum(_mm("gsc,gtc->gst", adot, adot) * gg))
-    return sum(parts[1:], parts[0])
-  vw = [jnp.vdot(a, b) for a, b in zip(v.dense + v.blocks, w.dense + w.blocks)]
-  ww = [jnp.vdot(b, b) for b in w.dense + w.blocks]
-  for a, g, adot_v, gdot_v, adot_w, gdot_w in zip(
-      _factored(layout, problem.a), _factored(layout, problem.g), v.adot, v.gdot, w.adot, w.gdot):
-    s = a.shape[1]
-    rows_c = jnp.concatenate([a, adot_v, adot_w], axis=1)
-    rows_o = jnp.concatenate([g, gdot_v, gdot_w], axis=1)
-    cc = _mm("gsc,gtc->gst", rows_c, rows_c)
-    oo = _mm("gso,gto->gst", rows_o, rows_o)
-    block = lambda m, i, j: m[:, i * s:(i + 1) * s, j * s:(j + 1) * s]
-    # v = A Ġ_vᵀ + Ȧ_v Gᵀ (rows 0, 1), w = A Ġ_wᵀ + Ȧ_w Gᵀ (rows 0, 2).
-    vw.append(jnp.sum(block(cc, 0, 0) * block(oo, 1, 2)) + jnp.sum(block(cc, 0, 2) * block(oo, 1, 0))
-              + jnp.sum(block(cc, 1, 0) * block(oo, 0, 2)) + jnp.sum(block(cc, 1, 2) * block(oo, 0, 0)))
-    ww.append(jnp.sum(block(cc, 0, 0) * block(oo, 2, 2)) + 2.0 * jnp.sum(block(cc, 0, 2) * block(oo, 2, 0))
-              + jnp.sum(block(cc, 2, 2) * block(oo, 0, 0)))
-  return sum(vw[1:], vw[0]), sum(ww[1:], ww[0])
-
-
-def to_low_rank(layout: Layout, problem: _Problem, v: _Frame) -> LowRankVectors:
-  """The :class:`LowRankVectors` of a vector in this problem's frame."""
-  return LowRankVectors(
-      dense=v.dense, blocks=v.blocks,
-      left=tuple(jnp.concatenate([a, adot], axis=1)
-                 for a, adot in zip(_factored(layout, problem.a), v.adot)),
-      right=tuple(jnp.concatenate([gdot, g], axis=1)
-                  for g, gdot in zip(_factored(layout, problem.g), v.gdot)))
+  return LowRankVectors(dense=tuple(g_fb), blocks=tuple(blocks), left=tuple(left),
+                        right=tuple(right))
 
 
 def _gradient(layout: Layout, problem: _Problem) -> LowRankVectors:
-  """``∇_θ f_a`` (``Ȧ = 0``, ``Ġ = G``)."""
+  """``∇_θ f_a`` (rows ``[A; 0]`` and ``[G; G]``)."""
   blocks = [sum(_mm("gsc,gso->gco", a, g) for a, g in zip(inputs, cotangents))
             for inputs, cotangents, f in zip(problem.inputs, problem.cotangents, layout.factored)
             if not f]
+  pick = lambda per_group: [x for x, f in zip(per_group, layout.factored) if f]
   return LowRankVectors(
       dense=tuple(problem.grad_dense), blocks=tuple(blocks),
-      left=tuple(jnp.concatenate([a, jnp.zeros_like(a)], axis=1)
-                 for a in _factored(layout, problem.a)),
-      right=tuple(jnp.concatenate([g, g], axis=1) for g in _factored(layout, problem.g)))
+      left=tuple(jnp.concatenate([a, jnp.zeros_like(a)], axis=-2) for a in pick(problem.a)),
+      right=tuple(jnp.concatenate([g, g], axis=-2) for g in pick(problem.g)))
+
+
+# -------------------------------------------------------------- vector algebra
+
+
+def vdot(v: LowRankVectors, w: LowRankVectors) -> jax.Array:
+  """``⟨v, w⟩``: ``Σ (left_v left_wᵀ) ⊙ (right_v right_wᵀ)`` on factored groups."""
+  parts = [jnp.vdot(a, b) for a, b in zip(v.dense + v.blocks, w.dense + w.blocks)]
+  parts += [jnp.sum(_mm("grc,gqc->grq", l1, l2) * _mm("gro,gqo->grq", r1, r2))
+            for l1, r1, l2, r2 in zip(v.left, v.right, w.left, w.right)]
+  return sum(parts[1:], parts[0])
+
+
+def _scale(s: jax.Array, v: LowRankVectors) -> LowRankVectors:
+  """``s · v``, scaling the ``Ȧ`` and ``Ġ`` rows (``A``, ``G`` rows stay as they are)."""
+  def halves(a, first, second):
+    r = a.shape[-2] // 2
+    return jnp.concatenate([first * a[..., :r, :], second * a[..., r:, :]], axis=-2)
+  return LowRankVectors(dense=tuple(s * a for a in v.dense), blocks=tuple(s * a for a in v.blocks),
+                        left=tuple(halves(a, 1.0, s) for a in v.left),
+                        right=tuple(halves(a, s, 1.0) for a in v.right))
+
+
+def _residual_sq(w: LowRankVectors, v: LowRankVectors, theta: jax.Array) -> jax.Array:
+  """``‖w − θ v‖²`` from elementwise differences.
+
+  Per factored group, with ``w``'s rows ``A, Ȧ, Ġ, G`` and ``v``'s ``A', Ȧ', Ġ', G'``:
+  ``w − θ v = A (Ġ − θĠ')ᵀ + (Ȧ − θȦ') Gᵀ − θ (A' − A) Ġ'ᵀ − θ Ȧ' (G' − G)ᵀ``.
+  Vectors of one problem share ``A`` and ``G`` exactly (the last two terms
+  vanish), so near convergence no large terms cancel.
+  """
+  parts = [jnp.sum(jnp.square(b - theta * a)) for a, b in zip(v.dense + v.blocks,
+                                                             w.dense + w.blocks)]
+  for l0, r0, l1, r1 in zip(v.left, v.right, w.left, w.right):
+    s = l0.shape[-2] // 2
+    (a0, ad0), (gd0, g0) = (l0[:, :s], l0[:, s:]), (r0[:, :s], r0[:, s:])
+    (a1, ad1), (gd1, g1) = (l1[:, :s], l1[:, s:]), (r1[:, :s], r1[:, s:])
+    left = jnp.concatenate([a1, ad1 - theta * ad0, a0 - a1, ad0], axis=-2)
+    right = jnp.concatenate([gd1 - theta * gd0, g1, -theta * gd0, -theta * (g0 - g1)], axis=-2)
+    parts.append(jnp.sum(_mm("grc,gqc->grq", left, left) * _mm("gro,gqo->grq", right, right)))
+  return sum(parts[1:], parts[0])
+
+
+def _where(pred: jax.Array, u: LowRankVectors, v: LowRankVectors) -> LowRankVectors:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), u, v)
+
+
+def _unit(v: LowRankVectors, fallback: LowRankVectors) -> LowRankVectors:
+  norm = jnp.sqrt(jnp.maximum(vdot(v, v), 0.0))
+  return _where(norm > 0, _scale(1.0 / jnp.where(norm > 0, norm, 1.0), v), fallback)
 
 
 # ------------------------------------------------------------------------ solver
@@ -404,116 +350,75 @@ def _gradient(layout: Layout, problem: _Problem) -> LowRankVectors:
 class State:
   """Power iteration on ``H²`` in half steps (one Hessian-vector product each).
 
-  ``phase`` 0 computes ``u = H v`` (at the very first half step ``H v₀``, from
-  the start's precomputed injections); phase 1 computes ``w = H u`` and
-  updates ``v``, ``theta``, ``residual``, ``iterations`` and ``converged`` as
-  an iteration of power iteration on ``H²`` does.
+  ``phase`` 0 computes ``u = H v``; phase 1 computes ``w = H u`` and updates
+  ``v``, ``theta``, ``residual``, ``iterations`` and ``converged`` as an
+  iteration of power iteration on ``H²`` does; ``w_sq = ‖w‖²``.
   """
-  v: _Frame
-  u: _Frame
+  v: LowRankVectors
+  u: LowRankVectors
   phase: jax.Array
   theta: jax.Array
   residual: jax.Array
   iterations: jax.Array
   converged: jax.Array
-  y_sq: jax.Array       # ‖·‖² of the last product (at phase 1: ‖u‖²)
-  w_sq: jax.Array       # ‖w‖² of the last iteration
+  w_sq: jax.Array
 
 
-def _scale_low_rank(s: jax.Array, v: LowRankVectors) -> LowRankVectors:
-  """``s · v``, scaling the ``Ȧ`` and ``Ġ`` rows (``A``, ``G`` rows stay as they are)."""
-  def halves(a, first, second):
-    r = a.shape[-2] // 2
-    return jnp.concatenate([first * a[..., :r, :], second * a[..., r:, :]], axis=-2)
-  return LowRankVectors(dense=tuple(s * a for a in v.dense), blocks=tuple(s * a for a in v.blocks),
-                        left=tuple(halves(a, 1.0, s) for a in v.left),
-                        right=tuple(halves(a, s, 1.0) for a in v.right))
+def _state(v, theta, residual, iterations, converged, w_sq) -> State:
+  return State(v=v, u=v, phase=jnp.zeros((), jnp.int32), theta=theta, residual=residual,
+               iterations=jnp.asarray(iterations, jnp.int32), converged=converged, w_sq=w_sq)
 
 
-def _start_scalars(layout: Layout, problem: _Problem, v0: LowRankVectors, w: _Frame):
-  """``(⟨v₀, w⟩, ‖w − θ v₀‖²)`` for a factored start ``v₀`` (any problem's frame).
+def start(v0: LowRankVectors) -> State:
+  """Before the first iteration from ``v₀`` (normalised, as power iteration does)."""
+  zero = jnp.zeros((), jnp.result_type(*jax.tree.leaves(v0)))
+  return _state(_unit(v0, v0), zero, zero, 0, jnp.zeros((), bool), zero)
 
-  Per factored group, with ``w``'s rows ``A, Ȧ, Ġ, G`` and ``v₀``'s ``A', Ȧ', Ġ', G'``:
-  ``w − θ v₀ = A (Ġ − θĠ')ᵀ + (Ȧ − θȦ') Gᵀ − θ (A' − A) Ġ'ᵀ − θ Ȧ' (G' − G)ᵀ``,
-  differences taken elementwise, so no large terms cancel.
+
+def first_iteration_dense(layout: Layout, problem: _Problem, v0_leaves: list,
+                          tol: float) -> State:
+  """The first iteration from a params-like ``v₀`` (its leaves).
+
+  ``θ = ⟨v₀, H u⟩ = ‖u‖²`` with ``u = H v₀`` and ``‖w − θ v₀‖² = ‖w‖² − 2θ² +
+  θ²‖v₀‖²`` (accurate unless ``v₀`` is converged to ``√ε``). Where ``w = 0``
+  power iteration keeps ``v₀``, which a :class:`LowRankVectors` cannot hold:
+  ``v`` is then the unit gradient (``w_sq = 0`` flags it).
   """
-  w_rows = to_low_rank(layout, problem, w)
-  vw = [jnp.vdot(a, b) for a, b in zip(v0.dense + v0.blocks, w.dense + w.blocks)]
-  for l0, r0, l1, r1 in zip(v0.left, v0.right, w_rows.left, w_rows.right):
-    vw.append(jnp.sum(_mm("grc,gqc->grq", l0, l1) * _mm("gro,gqo->grq", r0, r1)))
-  theta = sum(vw[1:], vw[0])
-  res = [jnp.sum(jnp.square(b - theta * a)) for a, b in zip(v0.dense + v0.blocks,
-                                                           w.dense + w.blocks)]
-  for l0, r0, l1, r1 in zip(v0.left, v0.right, w_rows.left, w_rows.right):
-    s = l0.shape[-2] // 2
-    (a0, ad0), (gd0, g0) = (l0[:, :s], l0[:, s:]), (r0[:, :s], r0[:, s:])
-    (a1, ad1), (gd1, g1) = (l1[:, :s], l1[:, s:]), (r1[:, :s], r1[:, s:])
-    left = jnp.concatenate([a1, ad1 - theta * ad0, a0 - a1, ad0], axis=1)
-    right = jnp.concatenate([gd1 - theta * gd0, g1, -theta * gd0, -theta * (g0 - g1)], axis=1)
-    res.append(jnp.sum(_mm("grc,gqc->grq", left, left) * _mm("gro,gqo->grq", right, right)))
-  return theta, sum(res[1:], res[0])
+  sq = sum(jnp.vdot(a, a) for a in v0_leaves)
+  v0 = [a / jnp.where(sq > 0, jnp.sqrt(sq), 1.0) for a in v0_leaves]
+  u = hvp(layout, problem, v0)
+  w = hvp(layout, problem, u)
+  theta, w_sq = vdot(u, u), vdot(w, w)
+  v0_sq = sum(jnp.vdot(a, a) for a in v0)
+  residual = jnp.sqrt(jnp.maximum(w_sq - 2.0 * theta * theta + theta * theta * v0_sq, 0.0))
+  gradient = _gradient(layout, problem)
+  v = _unit(w, _unit(gradient, gradient))
+  return _state(v, theta, residual, 1, residual <= tol * jnp.abs(theta), w_sq)
 
 
-def iterate(layout: Layout, problem: _Problem, v0: Any, num_iters: int, tol: float) -> State:
-  """Power iteration on ``H²`` from ``v0`` (normalised first, as power iteration does).
-
-  The first half step applies ``H`` to ``v₀`` through its precomputed
-  injections; the first iteration's ``θ`` and residual compare with ``v₀``:
-  exactly (:func:`_start_scalars`) for a :class:`LowRankVectors`, and for a
-  params-like ``v₀`` as ``θ = ‖u‖²``, ``‖w‖² − 2θ² + θ²‖v₀‖²`` (which loses
-  accuracy only when the start is already converged to ``√ε``).
-  """
-  factored = isinstance(v0, LowRankVectors)
-  sq = _sq_norm(v0) if factored else sum(jnp.vdot(a, a) for a in v0)
-  inv = 1.0 / jnp.where(sq > 0, jnp.sqrt(sq), 1.0)
-  if factored:
-    v0 = _scale_low_rank(inv, v0)
-    start_dense, start_fwd, start_bwd = _external_injections(layout, problem, v0)
-  else:
-    v0 = [a * inv for a in v0]
-    start_dense, start_fwd, start_bwd = _external_injections(layout, problem, v0)
-  v0_sq = sq * inv * inv
-  zero_frame = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      lambda: hvp_external(layout, problem, v0)))
-  zero = jnp.zeros((), v0_sq.dtype)
+def iterate(layout: Layout, problem: _Problem, state: State, num_iters: int,
+            tol: float) -> State:
+  """Half steps from ``state`` until ``converged`` or ``num_iters`` iterations."""
 
   def cond(s):
     return jnp.logical_and(~s.converged, s.iterations < num_iters)
 
   def body(s):
-    first = s.iterations == 0
-    z = _frame_map(lambda a, b: jnp.where(s.phase == 0, a, b), s.v, s.u)
-    forward, backward = _injections(layout, problem, z)
-    at_start = first & (s.phase == 0)
-    pick = lambda a, b: jnp.where(at_start, a, b)
-    y = _product(layout, problem, jax.tree.map(pick, start_dense, list(z.dense)),
-                 jax.tree.map(pick, start_fwd, forward), jax.tree.map(pick, start_bwd, backward))
-    vw, y_sq = _frame_dots(layout, problem, s.v, y)
-    if factored:
-      theta_0, residual_sq_0 = _start_scalars(layout, problem, v0, y)
-    else:  # ⟨v₀, H u⟩ = ‖u‖²
-      theta_0 = s.y_sq
-      residual_sq_0 = y_sq - 2.0 * theta_0 * theta_0 + theta_0 * theta_0 * v0_sq
-    theta = jnp.where(first, theta_0, vw)
-    residual_sq = jnp.where(first, residual_sq_0, _frame_dots(layout, problem, s.v, y, theta))
-    residual = jnp.sqrt(jnp.maximum(residual_sq, 0.0))
+    y = hvp(layout, problem, _where(s.phase == 0, s.v, s.u))
+    theta, y_sq = vdot(s.v, y), vdot(y, y)
+    residual = jnp.sqrt(jnp.maximum(_residual_sq(y, s.v, theta), 0.0))
     norm = jnp.sqrt(jnp.maximum(y_sq, 0.0))
-    step = (s.phase == 1) & (norm > 0)
-    unit = 1.0 / jnp.where(norm > 0, norm, 1.0)
     done = s.phase == 1
     keep = lambda new, old: jnp.where(done, new, old)
-    return State(v=_frame_map(lambda a, b: jnp.where(step, a * unit, b), y, s.v),
-                 u=_frame_map(lambda a, b: jnp.where(done, a, b), s.u, y),
+    unit = _scale(1.0 / jnp.where(norm > 0, norm, 1.0), y)
+    return State(v=_where(done & (norm > 0), unit, s.v), u=_where(done, s.u, y),
                  phase=1 - s.phase, theta=keep(theta, s.theta),
                  residual=keep(residual, s.residual),
                  iterations=s.iterations + done.astype(jnp.int32),
                  converged=keep(residual <= tol * jnp.abs(theta), s.converged),
-                 y_sq=y_sq, w_sq=keep(y_sq, s.w_sq))
+                 w_sq=keep(y_sq, s.w_sq))
 
-  init = State(v=zero_frame, u=zero_frame, phase=jnp.zeros((), jnp.int32), theta=zero,
-               residual=zero, iterations=jnp.zeros((), jnp.int32),
-               converged=jnp.zeros((), bool), y_sq=zero, w_sq=zero)
-  return lax.while_loop(cond, body, init)
+  return lax.while_loop(cond, body, state)
 
 
 def solve(layout: Layout, params: PyTree, xi: PyTree, output: jax.Array, v0: Any, *,
@@ -522,24 +427,20 @@ def solve(layout: Layout, params: PyTree, xi: PyTree, output: jax.Array, v0: Any
   converged, kept)``, ``θ`` estimating ``λ_max(H²)``, ``v`` a :class:`LowRankVectors`.
 
   ``v0`` is a :class:`LowRankVectors` or the leaves of a params-like vector.
-  ``kept`` flags ``H² v₀ = 0``: power iteration then keeps ``v₀``; ``v`` is
-  ``v₀`` for a ``LowRankVectors`` and the unit gradient otherwise (a caller
-  with dense vectors puts ``v₀`` back).
+  ``kept`` flags ``H² v₀ = 0`` for the latter: power iteration then keeps
+  ``v₀``, and ``v`` is the unit gradient (a caller keeping params-like
+  vectors puts ``v₀`` back).
   """
   param_vals = jax.tree.leaves(params)
   x_leaves = [a[None] for a in jax.tree.leaves(xi)]
   problem = linearize(layout, param_vals, x_leaves, output)
-  state = iterate(layout, problem, v0, num_iters, tol)
-  kept = (state.iterations == 1) & (state.w_sq == 0)
-  v = to_low_rank(layout, problem, state.v)
   if isinstance(v0, LowRankVectors):
-    fallback = v0
+    state, kept = start(v0), jnp.zeros((), bool)
   else:
-    gradient = _gradient(layout, problem)
-    fallback = jax.tree.map(lambda a: a / jnp.sqrt(jnp.maximum(_sq_norm(gradient), 1e-30)),
-                            gradient)
-  v = jax.tree.map(lambda a, b: jnp.where(kept, a, b), fallback, v)
-  return state.theta, v, state.iterations, state.converged, kept
+    state = first_iteration_dense(layout, problem, v0, tol)
+    kept = state.w_sq == 0
+  state = iterate(layout, problem, state, num_iters, tol)
+  return state.theta, state.v, state.iterations, state.converged, kept
 
 
 def bytes_per_problem(layout: Layout, params: PyTree) -> int:

@@ -76,10 +76,9 @@ def _products(name, v):
 
   def one(xi, a):
     problem = block_hessian.linearize(layout, jax.tree.leaves(params), [xi[None]], a)
-    hv = block_hessian.hvp_external(layout, problem, jax.tree.leaves(v))
+    hv = block_hessian.hvp(layout, problem, jax.tree.leaves(v))
     hhv = block_hessian.hvp(layout, problem, hv)
-    flat = lambda w: ravel_pytree(block_hessian.to_pytree(
-        layout, params, block_hessian.to_low_rank(layout, problem, w)))[0]
+    flat = lambda w: ravel_pytree(block_hessian.to_pytree(layout, params, w))[0]
     return flat(hv), flat(hhv)
 
   return jax.vmap(lambda xi: jax.vmap(lambda a: one(xi, a))(jnp.arange(k)))(x)
