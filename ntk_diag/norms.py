@@ -278,14 +278,10 @@ def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
 
   f = _model.per_example(apply_fn)
   if k <= GRAM_MAX_OUTPUTS:
-    def exact(xi):
-      return _sqrt(jnp.linalg.eigvalsh(ntk.example_gram(apply_fn, params, xi))[-1])
-
     per_bytes = 3 * k * _vector_bytes(params)
-    values = _map_problems(exact, x, n, _batch(batch_size, per_bytes, n))
-    return NormEstimate(value=jnp.max(values), per_example=values,
-                        iterations=jnp.zeros((), jnp.int32), converged=jnp.ones((), bool),
-                        vector=None)
+    grams = _map_problems(lambda xi: ntk.example_gram(apply_fn, params, xi), x, n,
+                          _batch(batch_size, per_bytes, n))
+    return jacobian_norm_from_grams(grams)
 
   shared, batched = _problem_inits(init, params, (n,), key)
 
@@ -301,6 +297,20 @@ def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
       iterative, (x, batched), n, _batch(batch_size, per_bytes, n, solver=True))
   return NormEstimate(value=jnp.max(values), per_example=values, iterations=jnp.max(its),
                       converged=jnp.all(conv), vector=vectors)
+
+
+def jacobian_norm_from_grams(grams: jax.Array) -> NormEstimate:
+  """The per-example :func:`jacobian_norm` from the Gram blocks ``J_{x_i} J_{x_i}ᵀ``.
+
+  ``per_example[i] = sqrt(λ_max(grams[i]))`` for ``grams`` of shape ``(n, k, k)``,
+  e.g. the diagonal blocks of :func:`ntk_diag.ntk.empirical_ntk_and_diagonal`
+  (so a caller that computes the NTK anyway gets these norms without
+  recomputing the per-example derivatives).
+  """
+  values = _sqrt(jnp.linalg.eigvalsh(grams)[:, -1])
+  return NormEstimate(value=jnp.max(values), per_example=values,
+                      iterations=jnp.zeros((), jnp.int32), converged=jnp.ones((), bool),
+                      vector=None)
 
 
 def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,

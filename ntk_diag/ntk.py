@@ -104,6 +104,52 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | N
   return kernel
 
 
+def empirical_ntk_and_diagonal(apply_fn: Callable, params: PyTree, x: PyTree, *,
+                               num_diagonal: int, trace_outputs: bool = False,
+                               method: str = "auto", batch_size: int | None = None,
+                               memory_budget_bytes: int | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
+  """``empirical_ntk(apply_fn, params, x, ...)`` and the Gram blocks ``J_{x_i} J_{x_i}ᵀ``
+  (``(num_diagonal, k, k)``, the full diagonal blocks ``K[i, i]``) of the first
+  ``num_diagonal`` examples.
+
+  With the structured method in one block (the default when it applies and
+  fits) both come from the same per-example layer inputs and cotangents;
+  otherwise the blocks are computed apart, as :func:`example_gram` does.
+  Traceable (no validation): for callers such as the hook's snapshot, which
+  needs the kernel of every probe point and per-example Jacobian norms.
+  """
+  n = _validation.leading_size("x", x)
+  out_shape = _model.example_output_shape(apply_fn, params, x)
+  k = _model.num_outputs(out_shape)
+  num_diagonal = min(num_diagonal, n)
+  if method in ("auto", "structured") and (batch_size or n) >= n:
+    from ntk_diag import structured  # local: structured imports this module
+    itemsize = jnp.dtype(_model.param_dtype(params)).itemsize
+    budget = memory_budget_bytes or _memory.default_budget_bytes()
+    fitting = structured.choose_batch_size(apply_fn, params, x, n, n, k, bool(trace_outputs),
+                                           itemsize, budget)
+    structured_wanted = method == "structured" or choose_method(
+        apply_fn, params, x, n, n, k, _tree.tree_size(params), bool(trace_outputs)) == "structured"
+    if fitting is not None and fitting >= n and structured_wanted:
+      kernel, diagonal = _structured_joint(apply_fn, params, x, trace_outputs=bool(trace_outputs),
+                                           count=num_diagonal)
+      if out_shape == () and not trace_outputs:
+        kernel = kernel[:, :, 0, 0]
+      return kernel, diagonal
+  kernel = empirical_ntk(apply_fn, params, x, trace_outputs=trace_outputs, method=method,
+                         batch_size=batch_size, memory_budget_bytes=memory_budget_bytes)
+  diagonal = jax.vmap(lambda xi: example_gram(apply_fn, params, xi))(
+      _model.take(x, jnp.arange(num_diagonal)))
+  return kernel, diagonal
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "trace_outputs", "count"))
+def _structured_joint(apply_fn, params, x, *, trace_outputs, count):
+  from ntk_diag import structured
+  return structured.kernel_and_diagonal(apply_fn, params, x, trace_outputs, count)
+
+
 def choose_method(apply_fn: Callable, params: PyTree, x: PyTree, n1: int, n2: int, k: int,
                   num_params: int, trace_outputs: bool) -> str:
   """Cheapest exact method by a FLOP estimate.

@@ -586,16 +586,39 @@ def _contract_fallback(jac1: list, jac2: list, trace_outputs: bool) -> jax.Array
 
 def _structured_block(plan: _Plan, params: PyTree, x1: PyTree, x2: PyTree,
                       trace_outputs: bool) -> jax.Array:
-  a1, g1, jf1 = _example_stats(plan, params, x1)
-  if x2 is x1:
-    a2, g2, jf2 = a1, g1, jf1
-  else:
-    a2, g2, jf2 = _example_stats(plan, params, x2)
+  stats1 = _example_stats(plan, params, x1)
+  stats2 = stats1 if x2 is x1 else _example_stats(plan, params, x2)
+  return _kernel_from_stats(plan, stats1, stats2, trace_outputs)
+
+
+def _kernel_from_stats(plan: _Plan, stats1, stats2, trace_outputs: bool) -> jax.Array:
+  (a1, g1, jf1), (a2, g2, jf2) = stats1, stats2
   parts = [_layer_kernel(*args, trace_outputs) for args in zip(a1, g1, a2, g2)]
   if plan.fallback:
     parts.append(_contract_fallback(jf1, jf2, trace_outputs))
   kernel = sum(parts[1:], parts[0])
   return kernel if trace_outputs else jnp.transpose(kernel, (0, 2, 1, 3))
+
+
+def _diagonal_from_stats(plan: _Plan, stats, count: int) -> jax.Array:
+  """``K[i, i]`` of the first ``count`` examples, ``(count, k, k)``: each example's
+  layer terms in their cheaper order (:func:`_layer_kernel` on a block of one)."""
+  first = jax.tree.map(lambda a: a[:count, None], stats)
+  one = lambda stats_i: _kernel_from_stats(plan, stats_i, stats_i, False)[0, 0]
+  return jax.vmap(one)(first)
+
+
+def kernel_and_diagonal(apply_fn: Callable, params: PyTree, x: PyTree, trace_outputs: bool,
+                        count: int) -> tuple[jax.Array, jax.Array] | None:
+  """The structured kernel of ``x`` and the ``(count, k, k)`` blocks ``K[i, i]`` of its
+  first ``count`` examples, from one set of per-example layer inputs and cotangents;
+  None when the structured rules do not apply."""
+  plan = _plan_or_none(apply_fn, params, x)
+  if plan is None:
+    return None
+  stats = _example_stats(plan, params, x)
+  return (_kernel_from_stats(plan, stats, stats, trace_outputs),
+          _diagonal_from_stats(plan, stats, count))
 
 
 # Plans of recent models, keyed by (apply_fn, parameter and per-example input types).

@@ -120,6 +120,14 @@ def test_per_example_gram_path_is_exact(name):
   assert rel_err(est.per_example, reference(name)[0]) <= EXACT_TOL
 
 
+def test_jacobian_norm_from_ntk_diagonal_blocks():
+  apply_fn, params, x = model("linen")
+  _, grams = nd.ntk.empirical_ntk_and_diagonal(apply_fn, params, x, num_diagonal=3,
+                                               trace_outputs=True)
+  est = norms.jacobian_norm_from_grams(grams)
+  assert rel_err(est.per_example, reference("linen")[0][:3]) <= 1e-5
+
+
 @pytest.mark.parametrize("method", ["power", "lanczos"])
 def test_hessian_plus_minus_pairs(method):
   # Linear activation: each neuron's Hessian block is [[0, x], [xᵀ, 0]] / sqrt(d),

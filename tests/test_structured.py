@@ -223,3 +223,15 @@ def test_memory_budget_blocks_structured_kernel():
   got = nd.empirical_ntk(apply_fn, params, x1, x2, method="structured",
                          memory_budget_bytes=6000)
   assert_close_fro(got, dense_ntk(apply_fn, params, x1, x2))
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_kernel_and_diagonal_blocks(method):
+  # One pass gives the traced kernel and the full blocks K[i, i] of the first
+  # examples (the structured path), or two passes (any other method).
+  apply_fn, params, x1, _ = _case("cnn_same")
+  kernel, diagonal = nd.ntk.empirical_ntk_and_diagonal(apply_fn, params, x1, num_diagonal=3,
+                                                       trace_outputs=True, method=method)
+  assert_close_fro(kernel, dense_ntk(apply_fn, params, x1, trace_outputs=True))
+  full = dense_ntk(apply_fn, params, x1)
+  assert_close_fro(diagonal, np.stack([full[i, i] for i in range(3)]))
