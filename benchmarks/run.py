@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                 # everything (~10 min on 2 CPU cores)
     python benchmarks/run.py --quick         # short run: n=64 NTK, fewer iterations/steps
-    python benchmarks/run.py --only ntk      # one section: ntk, norms, hook
+    python benchmarks/run.py --only ntk      # one section: ntk, norms, core, hook
 
 Sections:
 
@@ -14,6 +14,10 @@ Sections:
   Targets: structured ≤ 1.0× NT implementation 3, ≥ 20× faster than the
   ``vmap(jacrev)`` contraction.
 * ``norms`` — power vs Lanczos accuracy vs matvec count (:mod:`norms_accuracy`).
+* ``core`` — a snapshot next to its core, the traced NTK, piece by piece, for
+  the MLP 784-512-512-10 on 256 probes and a ~800k-parameter CNN on 32
+  probes (:mod:`snapshot_core`). Targets: MLP snapshot ≤ 3× the traced NTK;
+  CNN snapshot ≤ 0.5 s or ≤ 10 training steps of batch 64.
 * ``hook`` — ``LazyTrainingHook`` overhead on a training loop with the hook's
   defaults (all groups, norms included), snapshot cost by group and by piece,
   compiled snapshot vs full hook call (:mod:`hook_overhead`); target ≤ 5 % at
@@ -33,6 +37,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 import _timing  # noqa: E402
 
 import ntk_diag as nd  # noqa: E402
@@ -125,7 +130,7 @@ def bench_ntk(quick: bool, repeats: int, methods=("structured", "jacobian", "ntk
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="short run")
-  parser.add_argument("--only", default="ntk,norms,hook", help="comma-separated sections")
+  parser.add_argument("--only", default="ntk,norms,core,hook", help="comma-separated sections")
   parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
   parser.add_argument("--hook-groups", default="ntk,norms,twin",
                       help="hook groups enabled in the hook section (default: all, the hook's "
@@ -141,6 +146,10 @@ def main():
   if "norms" in sections:
     import norms_accuracy
     norms_accuracy.run(quick=args.quick)
+  if "core" in sections:
+    import snapshot_core
+    for name in snapshot_core.MODELS:
+      snapshot_core.run(name, repeats=3 if args.quick else 5)
   if "hook" in sections:
     import hook_overhead
     hook_overhead.run(quick=args.quick, repeats=3 if args.quick else 5,
