@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -113,13 +114,17 @@ def factored_warm_starts():
   original_fits, original_state = snapshot_lib.warm_start_fits, snapshot_lib.initial_state
 
   def initial_state(spec, theta0, model_state0, probe_x, probe_y, **kwargs):
-    state = original_state(spec, theta0, model_state0, probe_x, probe_y, **kwargs)
     x_m = jax.tree.map(lambda a: a[:spec.norm_examples], probe_x)
-    layout = block_hessian.layout_or_none(spec.model(model_state0), theta0, x_m)
-    if state.hessian_vectors is None or layout is None:
-      return state
-    placeholder = block_hessian.zeros(layout, theta0, state.hessian_values.shape)
-    return state.__class__(**{**state.__dict__, "hessian_vectors": placeholder})
+    f = spec.model(model_state0)
+    layout = block_hessian.layout_or_none(f, theta0, x_m)
+    if not (spec.compute_norms and spec.warm_start) or layout is None:
+      return original_state(spec, theta0, model_state0, probe_x, probe_y, **kwargs)
+    state = original_state(dataclasses.replace(spec, warm_start=False), theta0, model_state0,
+                           probe_x, probe_y, **kwargs)
+    k = int(np.prod(jax.eval_shape(f, theta0, x_m).shape[1:]))
+    shape = (spec.norm_examples, k)
+    return dataclasses.replace(state, hessian_vectors=block_hessian.zeros(layout, theta0, shape),
+                               hessian_values=np.full(shape, np.inf, np.float32))
 
   snapshot_lib.warm_start_fits = lambda *args: True
   snapshot_lib.initial_state = initial_state
