@@ -348,15 +348,9 @@ def _unit(v: LowRankVectors, fallback: LowRankVectors) -> LowRankVectors:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class State:
-  """Power iteration on ``H²`` in half steps (one Hessian-vector product each).
-
-  ``phase`` 0 computes ``u = H v``; phase 1 computes ``w = H u`` and updates
-  ``v``, ``theta``, ``residual``, ``iterations`` and ``converged`` as an
-  iteration of power iteration on ``H²`` does; ``w_sq = ‖w‖²``.
-  """
+  """Power iteration on ``H²``: the iterate ``v`` and the last iteration's ``θ``,
+  residual, count, convergence and ``‖w‖²`` (``w = H(H v)``)."""
   v: LowRankVectors
-  u: LowRankVectors
-  phase: jax.Array
   theta: jax.Array
   residual: jax.Array
   iterations: jax.Array
@@ -365,7 +359,7 @@ class State:
 
 
 def _state(v, theta, residual, iterations, converged, w_sq) -> State:
-  return State(v=v, u=v, phase=jnp.zeros((), jnp.int32), theta=theta, residual=residual,
+  return State(v=v, theta=theta, residual=residual,
                iterations=jnp.asarray(iterations, jnp.int32), converged=converged, w_sq=w_sq)
 
 
@@ -398,25 +392,20 @@ def first_iteration_dense(layout: Layout, problem: _Problem, v0_leaves: list,
 
 def iterate(layout: Layout, problem: _Problem, state: State, num_iters: int,
             tol: float) -> State:
-  """Half steps from ``state`` until ``converged`` or ``num_iters`` iterations."""
+  """Iterations (two products each) from ``state`` until ``converged`` or ``num_iters``."""
 
   def cond(s):
     return jnp.logical_and(~s.converged, s.iterations < num_iters)
 
   def body(s):
-    y = hvp(layout, problem, _where(s.phase == 0, s.v, s.u))
-    theta, y_sq = vdot(s.v, y), vdot(y, y)
-    residual = jnp.sqrt(jnp.maximum(_residual_sq(y, s.v, theta), 0.0))
-    norm = jnp.sqrt(jnp.maximum(y_sq, 0.0))
-    done = s.phase == 1
-    keep = lambda new, old: jnp.where(done, new, old)
-    unit = _scale(1.0 / jnp.where(norm > 0, norm, 1.0), y)
-    return State(v=_where(done & (norm > 0), unit, s.v), u=_where(done, s.u, y),
-                 phase=1 - s.phase, theta=keep(theta, s.theta),
-                 residual=keep(residual, s.residual),
-                 iterations=s.iterations + done.astype(jnp.int32),
-                 converged=keep(residual <= tol * jnp.abs(theta), s.converged),
-                 w_sq=keep(y_sq, s.w_sq))
+    w = hvp(layout, problem, hvp(layout, problem, s.v))
+    theta, w_sq = vdot(s.v, w), vdot(w, w)
+    residual = jnp.sqrt(jnp.maximum(_residual_sq(w, s.v, theta), 0.0))
+    norm = jnp.sqrt(jnp.maximum(w_sq, 0.0))
+    unit = _scale(1.0 / jnp.where(norm > 0, norm, 1.0), w)
+    return State(v=_where(norm > 0, unit, s.v), theta=theta, residual=residual,
+                 iterations=s.iterations + 1,
+                 converged=residual <= tol * jnp.abs(theta), w_sq=w_sq)
 
   return lax.while_loop(cond, body, state)
 
