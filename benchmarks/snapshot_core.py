@@ -58,7 +58,10 @@ sys.path.insert(0, os.path.dirname(HERE))  # this checkout's ntk_diag, not an in
 import _timing  # noqa: E402
 
 import ntk_diag as nd  # noqa: E402
-from ntk_diag import block_hessian  # noqa: E402
+try:  # absent before the factored Hessian solver (to time older checkouts)
+  from ntk_diag import block_hessian  # noqa: E402
+except ImportError:
+  block_hessian = None
 from ntk_diag import norms as norms_lib  # noqa: E402
 from ntk_diag import ntk as ntk_lib  # noqa: E402
 from ntk_diag import snapshot as snapshot_lib  # noqa: E402
@@ -227,7 +230,7 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
 
   key = jax.random.PRNGKey(3)
   inf_values = jnp.full((NORM_EXAMPLES, k), jnp.inf)
-  layout = block_hessian.layout_or_none(apply_fn, params0, x_norm)
+  layout = block_hessian and block_hessian.layout_or_none(apply_fn, params0, x_norm)
   if layout is not None:
     placeholder = block_hessian.zeros(layout, params0, (NORM_EXAMPLES, k))
   else:  # no Dense layer to factor: dense vectors, as the hook keeps them
@@ -240,7 +243,7 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
       "traced NTK": _compile_seconds(ntk_fn, params1, probe_x),
       "jacobian_norm_core": _compile_seconds(jac_fn, params1, x_norm),
       "hessian_norm_core, cold": _compile_seconds(hess_cold_fn, params1, x_norm, key),
-      "hessian_norm_core, screened (factored)": _compile_seconds(
+      "hessian_norm_core, screened": _compile_seconds(
           hess_screened_fn, params1, x_norm, placeholder, inf_values),
       "train step": _compile_seconds(train_step, params1, opt_state, step),
   }
@@ -250,6 +253,8 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
 
   snaps = {}
   variants = [(SNAPSHOT_FACTORED, factored_warm_starts), (SNAPSHOT_SHARED, both_previews)]
+  if block_hessian is None:
+    variants, main_snapshot = [], True
   if main_snapshot:
     variants.append((SNAPSHOT, contextlib.nullcontext))
   for label, context in variants:
@@ -266,7 +271,8 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
       f"jacobian_norm_core per example, {NORM_EXAMPLES} probes": lambda: jac_j(params1, x_norm),
       f"hessian_norm_core {NORM_EXAMPLES}×{k}, cold (full solve)":
           lambda: cold_j(params1, x_norm, key),
-      f"hessian_norm_core {NORM_EXAMPLES}×{k}, warm + screened (3 it.), factored vectors":
+      f"hessian_norm_core {NORM_EXAMPLES}×{k}, warm + screened (3 it.)"
+      + (", factored vectors" if layout is not None else ", dense vectors"):
           lambda: screened_j(params1, x_norm, previous.vector, previous.per_problem).value,
       TRAIN: lambda: train_j(params1, opt_state, step),
   }
@@ -275,7 +281,7 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
   timed = _timing.time_interleaved(pieces, repeats=repeats, max_repeats=slow)
   times = {label: entry["median"] for label, entry in timed.items()}
   core, step_s = times[CORE], times[TRAIN]
-  t_snap = times[SNAPSHOT_SHARED]
+  t_snap = times.get(SNAPSHOT_SHARED, times[SNAPSHOT])
 
   print(f"\n## {name}: {num_params} params, {n_probe} probes, norms on {NORM_EXAMPLES}; "
         f"train batch {batch}; {_timing.machine()}, load {load:.1f} → {os.getloadavg()[0]:.1f}")
