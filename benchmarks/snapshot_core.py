@@ -126,15 +126,35 @@ def factored_warm_starts():
                            probe_x, probe_y, **kwargs)
     k = int(np.prod(jax.eval_shape(f, theta0, x_m).shape[1:]))
     shape = (spec.norm_examples, k)
+    extra = {}
+    if hasattr(state, "sharpness_vector"):  # the sharpness solver's warm start, as the original
+      random = np.random.default_rng(spec.config.seed + 1)
+      extra["sharpness_vector"] = jax.tree.map(
+          lambda p: random.standard_normal(np.shape(p)).astype(p.dtype), theta0)
     return dataclasses.replace(state, hessian_vectors=block_hessian.zeros(layout, theta0, shape),
-                               hessian_values=np.full(shape, np.inf, np.float32))
+                               hessian_values=np.full(shape, np.inf, np.float32), **extra)
+
+  original_shardings = getattr(snapshot_lib, "state_shardings", None)
+
+  def state_shardings(state, replicated):
+    # Factor rows are not parameter-shaped: keep them (like the scalars) replicated.
+    vectors = state.hessian_vectors
+    if not isinstance(vectors, block_hessian.LowRankVectors):
+      return original_shardings(state, replicated)
+    shardings = original_shardings(dataclasses.replace(state, hessian_vectors=None), replicated)
+    return dataclasses.replace(shardings,
+                               hessian_vectors=jax.tree.map(lambda _: replicated, vectors))
 
   snapshot_lib.warm_start_fits = lambda *args: True
   snapshot_lib.initial_state = initial_state
+  if original_shardings is not None:
+    snapshot_lib.state_shardings = state_shardings
   try:
     yield
   finally:
     snapshot_lib.warm_start_fits, snapshot_lib.initial_state = original_fits, original_state
+    if original_shardings is not None:
+      snapshot_lib.state_shardings = original_shardings
 
 
 @contextlib.contextmanager
@@ -216,6 +236,15 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
                                        screen_iters=cfg.hessian_screen_iters,
                                        return_vector=True, **solver)
 
+  try:  # the snapshot's sharpness (Lanczos on the mean probe loss), where it exists
+    from ntk_diag import sharpness as sharpness_lib
+  except ImportError:
+    sharpness_lib = None
+
+  def sharpness_fn(p, x, y, init):
+    return sharpness_lib.loss_sharpness_core(apply_fn, p, x, y, num_iters=cfg.num_iters,
+                                             tol=cfg.tol, init=init)
+
   opt = optax.sgd(0.05)
 
   def train_step(p, opt_state, i):
@@ -276,6 +305,13 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
           lambda: screened_j(params1, x_norm, previous.vector, previous.per_problem).value,
       TRAIN: lambda: train_j(params1, opt_state, step),
   }
+  if sharpness_lib is not None:
+    sharp_j = jax.jit(sharpness_fn)
+    sharp_prev = sharp_j(params0, probe_x, probe_y, None)
+    compile_s["loss_sharpness_core"] = _compile_seconds(sharpness_fn, params1, probe_x, probe_y,
+                                                        sharp_prev.vector)
+    pieces[f"loss_sharpness_core, all probes, warm (Lanczos ≤ {cfg.num_iters})"] = (
+        lambda: sharp_j(params1, probe_x, probe_y, sharp_prev.vector).value)
   slow = {SNAPSHOT: 2, f"hessian_norm_core {NORM_EXAMPLES}×{k}, cold (full solve)": 3}
   load = os.getloadavg()[0]
   timed = _timing.time_interleaved(pieces, repeats=repeats, max_repeats=slow)

@@ -314,12 +314,14 @@ def _lanczos_cycle(matvec, v0, *, m, budget, tol, which):
       lambda s: _lanczos_body_fun(s, matvec, tol, which),
       _lanczos_cycle_init(v0, m))
   thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-  krylov = basis[:m]
-  vector = _normalize(_dot(vecs[:, _select(thetas, which)], krylov), v0)
+  # Combinations of the first m rows, as products with the whole basis and a
+  # zero last coefficient: slicing `basis[:m]` would copy m parameter-sized rows.
+  combine = lambda coeffs: _dot(jnp.concatenate([coeffs, jnp.zeros((1,), coeffs.dtype)]), basis)
+  vector = _normalize(combine(vecs[:, _select(thetas, which)]), v0)
   restart = vector
   if which == "magnitude":  # keep both ends of the spectrum alive
     ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
-    restart = _normalize(_dot(ends, krylov), vector)
+    restart = _normalize(combine(ends), vector)
   return vector, restart, theta, residual, j, done
 
 
