@@ -325,8 +325,10 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
   With ``method="power"`` on a model with Dense layers worth factoring
   (:mod:`ntk_diag.block_hessian`) the ``n·k`` eigenproblems are solved
   together, vmapped, with Hessian-vector products that keep those layers'
-  blocks as low-rank factors; otherwise one at a time on CPU (all together
-  where the vectors fit elsewhere). Same iterates either way.
+  blocks as low-rank factors (``batch_size`` then counts whole examples:
+  ``batch_size // k`` of them, at least one, with all their outputs);
+  otherwise one at a time on CPU (all together where the vectors fit
+  elsewhere). Same iterates either way.
 
   By default the solver (``num_iters``, ``tol``) runs on every one of the
   ``n·k`` (example, output) eigenproblems. With ``screen_iters=s`` and the
