@@ -288,13 +288,15 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     out_shape = self._output_shape(params, model_state, x)
     losses.check_targets("probe_y", self._probe_y, self._loss, (n,) + out_shape)
     k = _model.num_outputs(out_shape)
-    warm = snapshot_lib.warm_start_fits(params, self._norm_examples, k,
-                                        self._config.warm_start_bytes)
     spec = snapshot_lib.SnapshotSpec(
         apply_fn=self._apply_fn, with_model_state=with_model_state, config=self._config,
-        loss=self._loss, norm_examples=self._norm_examples, warm_start=warm,
+        loss=self._loss, norm_examples=self._norm_examples,
         learning_rate=self._learning_rate, infinite=self._infinite,
         alignment=not callable(self._loss) or np.size(self._probe_y) == n * k, **self._groups)
+    layout = snapshot_lib.hessian_layout(spec, params, model_state, x)
+    warm = snapshot_lib.warm_start_fits(params, self._norm_examples, k,
+                                        self._config.warm_start_bytes, layout=layout)
+    spec = dataclasses.replace(spec, warm_start=warm)
 
     theta0, model_state0, probe_x, probe_y, kernel0, step0 = (
         params, model_state, x, self._probe_y, None, step)

@@ -52,6 +52,7 @@ from ntk_diag import _model
 from ntk_diag import _placement
 from ntk_diag import _tree
 from ntk_diag import _validation
+from ntk_diag import block_hessian
 from ntk_diag import losses
 from ntk_diag import norms
 from ntk_diag import ntk
@@ -170,6 +171,10 @@ class DiagState:
     prev_step: the step of the last finite snapshot (or of θ0).
     jacobian_vectors, hessian_vectors, hessian_values, sharpness_vector: warm
       starts of the norm solvers (``None`` when cold or not needed).
+      ``hessian_vectors`` is a :class:`ntk_diag.block_hessian.LowRankVectors`
+      with batch axes ``(norm_examples, k)`` where the factored power solver
+      runs (zero before the first snapshot: "no warm start yet"), else
+      ``(norm_examples, k)`` stacks of parameter-shaped vectors.
     lazy_radius: ``σ_min(J_{X_m}(θ0)) / (2‖∇²f(θ0)‖)`` (norms group).
     infinite_kernel: the infinite-width NTK on ``X``, per output (with ``infinite``).
   """
@@ -220,7 +225,12 @@ def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, prob
         lambda p: random.standard_normal(shape + np.shape(p)).astype(p.dtype), theta0)
     if k > norms.GRAM_MAX_OUTPUTS:
       jac_vectors = batched((m,))
-    hess_vectors = batched((m, k))
+    layout = hessian_layout(spec, theta0, model_state0, probe_x)
+    if layout is None:
+      hess_vectors = batched((m, k))
+    else:  # factored; zero = "no warm start yet" (random factors at the first snapshot)
+      shapes = jax.eval_shape(lambda: block_hessian.zeros(layout, theta0, (m, k)))
+      hess_vectors = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     hess_values = np.full((m, k), np.inf, dtype)
     sharpness_vector = batched(())
   return DiagState(
@@ -234,11 +244,28 @@ def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, prob
       infinite_kernel=None if spec.infinite is None else zeros((n, n)))
 
 
-def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int) -> bool:
-  """Whether the warm-start vectors (``norm_examples · k + 1`` parameter-sized) fit the budget."""
-  per_vector = _tree.tree_size(theta0) * jnp.dtype(_model.param_dtype(theta0)).itemsize
-  count = norm_examples * k + (norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0) + 1
-  return count * per_vector <= budget_bytes
+def hessian_layout(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree,
+                   probe_x: PyTree) -> block_hessian.Layout | None:
+  """The factored layout of the Hessian norm's warm-start vectors, or ``None``
+  (parameter-shaped vectors): factored where the power solver of
+  :func:`ntk_diag.norms.hessian_norm_core` keeps Dense blocks as factors.
+  Traces the model on one example's shapes (no FLOPs)."""
+  if not spec.compute_norms or spec.config.norm_method != "power":
+    return None
+  return block_hessian.layout_or_none(spec.model(model_state0), theta0, probe_x)
+
+
+def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int, *,
+                    layout: block_hessian.Layout | None = None) -> bool:
+  """Whether the warm-start vectors fit the budget: ``norm_examples · k`` Hessian
+  vectors (factored with ``layout``, else parameter-sized), the sharpness vector
+  and, for ``k > GRAM_MAX_OUTPUTS``, ``norm_examples`` Jacobian vectors."""
+  itemsize = jnp.dtype(_model.param_dtype(theta0)).itemsize
+  per_vector = _tree.tree_size(theta0) * itemsize
+  per_hessian = (per_vector if layout is None
+                 else block_hessian.vector_size(layout, theta0) * itemsize)
+  jacobian = norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0
+  return norm_examples * k * per_hessian + (jacobian + 1) * per_vector <= budget_bytes
 
 
 def layer_groups(params: PyTree) -> list[str]:
@@ -259,11 +286,18 @@ def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
   return out
 
 
-def _kernel(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree, *,
-            trace_outputs: bool) -> jax.Array:
+def _kernel(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree, k: int
+            ) -> tuple[jax.Array, jax.Array | None]:
+  """The NTK of ``x`` and, when the norms group needs them (``k ≤ GRAM_MAX_OUTPUTS``),
+  the Gram blocks ``J_{x_i} J_{x_i}ᵀ`` of the first ``norm_examples`` points from the
+  same pass (``None`` otherwise)."""
   cfg = spec.config
-  return ntk.empirical_ntk(f, params, x, trace_outputs=trace_outputs, method=cfg.ntk_method,
-                           batch_size=cfg.ntk_batch_size)
+  options = dict(trace_outputs=cfg.ntk_trace_outputs, method=cfg.ntk_method,
+                 batch_size=cfg.ntk_batch_size)
+  if spec.compute_norms and k <= norms.GRAM_MAX_OUTPUTS:
+    return ntk.empirical_ntk_and_diagonal(f, params, x, num_diagonal=spec.norm_examples,
+                                          **options)
+  return ntk.empirical_ntk(f, params, x, **options), None
 
 
 def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree,
@@ -290,8 +324,9 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   metrics.update(weight_change(params, state.theta0))
   updates: dict[str, Any] = {"f0": f0, "initialized": jnp.ones((), bool)}
 
+  grams = None
   if spec.compute_ntk:
-    kernel = _kernel(spec, f, params, x, trace_outputs=cfg.ntk_trace_outputs)
+    kernel, grams = _kernel(spec, f, params, x, outputs[0].size)
     kernel0 = jnp.where(init & ~state.kernel0_restored, kernel, state.kernel0)
     prev_kernel = jnp.where(init, kernel0, state.prev_kernel)
     prev_step = jnp.where(init, step, state.prev_step)
@@ -321,8 +356,11 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
                    return_vector=spec.warm_start)
     key_jac, key_hess = jax.random.split(jax.random.key(cfg.seed))
-    jac = norms.jacobian_norm_core(f, params, x_m, key=key_jac, init=state.jacobian_vectors,
-                                   **options)
+    if grams is None:
+      jac = norms.jacobian_norm_core(f, params, x_m, key=key_jac, init=state.jacobian_vectors,
+                                     **options)
+    else:  # exact, from the NTK pass (what jacobian_norm_core computes for k ≤ 64)
+      jac = norms.jacobian_norm_from_grams(grams)
     hess = norms.hessian_norm_core(f, params, x_m, key=key_hess, init=state.hessian_vectors,
                                    screen_iters=cfg.hessian_screen_iters,
                                    init_values=state.hessian_values, **options)
@@ -395,8 +433,8 @@ class Snapshotter:
 
   The state's device arrays keep their shardings; its host values go on a
   replicated sharding over the devices of the first committed argument,
-  except the warm-start vectors, which are sharded like θ0's leaves (see
-  :func:`state_shardings`). The compiled snapshot returns its state on those
+  except the parameter-shaped warm-start vectors, which are sharded like
+  θ0's leaves (see :func:`state_shardings`). The compiled snapshot returns its state on those
   same shardings and its metrics replicated, so the state never moves between
   calls and every process can fetch the metrics (a multi-process run included).
   Later calls place their arguments on the input shardings (a no-op when they
@@ -425,7 +463,8 @@ class Snapshotter:
 def state_shardings(state: DiagState, replicated: jax.sharding.Sharding) -> DiagState:
   """Where each leaf of ``state`` lives: a committed array where it is, a
   warm-start vector (a stack of parameter-shaped arrays) sharded like its θ0
-  leaf with unsharded stack axes, anything else on ``replicated``."""
+  leaf with unsharded stack axes, anything else (factored Hessian vectors
+  included) on ``replicated``."""
   where = lambda leaf: _placement.sharding_or(leaf, replicated)
   theta0 = jax.tree.map(where, state.theta0)
 
@@ -436,10 +475,16 @@ def state_shardings(state: DiagState, replicated: jax.sharding.Sharding) -> Diag
         lambda v, s: _placement.sharding_or(v, _placement.with_batch_axes(s, num_axes, replicated)),
         vectors, theta0)
 
+  hessian_vectors = state.hessian_vectors
+  if isinstance(hessian_vectors, block_hessian.LowRankVectors):
+    # Factor rows and canonical blocks are not parameter-shaped (a few KB per
+    # eigenproblem): replicated, like the scalars.
+    hessian_vectors = jax.tree.map(where, hessian_vectors)
+  else:
+    hessian_vectors = stacked(hessian_vectors, 2)
   return dataclasses.replace(
       jax.tree.map(where, state), jacobian_vectors=stacked(state.jacobian_vectors, 1),
-      hessian_vectors=stacked(state.hessian_vectors, 2),
-      sharpness_vector=stacked(state.sharpness_vector, 0))
+      hessian_vectors=hessian_vectors, sharpness_vector=stacked(state.sharpness_vector, 0))
 
 
 def _snapshot_entry(spec, state, params, model_state, step, twin_params, has_twin):
