@@ -96,13 +96,23 @@ def loss_sharpness(apply_fn: Callable, params: PyTree, x: PyTree, y: Any, *,
 def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
                         loss: losses.LossLike = "mse", num_iters: int = 100, tol: float = 1e-4,
                         key: jax.Array | None = None, init: PyTree | None = None,
-                        krylov_dim: int | None = None) -> NormEstimate:
+                        krylov_dim: int | None = None,
+                        screen_iters: int | None = None) -> NormEstimate:
   """:func:`loss_sharpness` without validation; traceable (``jit``-able).
 
   ``y`` must already be in the loss's layout (:func:`ntk_diag.losses.prepare_targets`).
   ``init`` (a params-like pytree, e.g. the previous result's ``vector``)
   takes precedence over ``key``. The result's ``vector`` is always filled,
   for the next warm start.
+
+  ``screen_iters = s``: a screen for warm starts. The first ``s`` Lanczos
+  steps keep an ``(s + 1)``-vector Krylov basis; only when their Ritz
+  residual is above ``tol · |θ|`` is the run continued, in the full basis
+  from where it stopped. Iterates, stopping rule and value are those of the
+  plain run; from a start close to the top eigenvector (the previous
+  snapshot's) the run ends within the screen, and each step's
+  reorthogonalisation and the final combination then cost ``s + 1``
+  parameter-sized vectors of memory traffic instead of ``krylov_dim + 1``.
   """
 
   def mean_loss(p):
@@ -114,10 +124,12 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
   else:
     init = jax.tree.map(lambda v, p: jnp.asarray(v, p.dtype), init, params)
   result = spectral._top_eigenpair(hvp, init, method="lanczos", which="largest",
-                                   num_iters=num_iters, tol=tol, krylov_dim=krylov_dim)
+                                   num_iters=num_iters, tol=tol, krylov_dim=krylov_dim,
+                                   screen_dim=screen_iters)
   return NormEstimate(value=result.value, per_example=None, iterations=result.iterations,
                       converged=result.converged, vector=result.vector)
 
 
 _loss_sharpness_jit = jax.jit(loss_sharpness_core,
-                              static_argnames=("apply_fn", "loss", "num_iters", "tol", "krylov_dim"))
+                              static_argnames=("apply_fn", "loss", "num_iters", "tol", "krylov_dim",
+                                               "screen_iters"))

@@ -91,6 +91,12 @@ class SnapshotConfig:
       snapshot refines every problem (a full solve); so does every snapshot
       when the vectors exceed ``warm_start_bytes`` (then without a screen).
       ``None``: no screen, ``num_iters`` on every problem.
+    sharpness_screen_iters: with warm starts, the sharpness's Lanczos run
+      keeps a basis of this many + 1 vectors for its first steps and
+      continues in the full basis only when they have not converged
+      (``screen_iters`` of :func:`ntk_diag.sharpness.loss_sharpness_core`):
+      same iterates and value, less memory traffic when the previous
+      snapshot's eigenvector is already close. ``None``: no screen.
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
       when they fit in this many bytes (``norm_examples · k`` parameter-sized
@@ -103,6 +109,7 @@ class SnapshotConfig:
   num_iters: int = 20
   tol: float = 1e-3
   hessian_screen_iters: int | None = 3
+  sharpness_screen_iters: int | None = 4
   seed: int = 0
   warm_start_bytes: int = 256 * 2**20
 
@@ -113,6 +120,8 @@ class SnapshotConfig:
     _validation.check_positive_int("num_iters", self.num_iters)
     _validation.check_positive_number("tol", self.tol)
     _validation.check_positive_int("hessian_screen_iters", self.hessian_screen_iters,
+                                   optional=True)
+    _validation.check_positive_int("sharpness_screen_iters", self.sharpness_screen_iters,
                                    optional=True)
 
 
@@ -384,7 +393,9 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     sharp = sharpness.loss_sharpness_core(f, params, x, y, loss=spec.loss,
                                           num_iters=cfg.num_iters, tol=cfg.tol,
                                           key=jax.random.key(cfg.seed + 2),
-                                          init=state.sharpness_vector)
+                                          init=state.sharpness_vector,
+                                          screen_iters=(cfg.sharpness_screen_iters
+                                                        if spec.warm_start else None))
     metrics["sharpness"] = sharp.value
     if spec.learning_rate is not None:
       metrics["sharpness_lr"] = spec.learning_rate * sharp.value

@@ -120,11 +120,13 @@ def top_eigenpair(operator: Any, init: PyTree, *, method: str = "power",
                         num_iters=num_iters, tol=tol, krylov_dim=krylov_dim)
 
 
-def _top_eigenpair(matvec, init, *, method, which, num_iters, tol, krylov_dim=None):
-  """:func:`top_eigenpair` without validation (for callers that validated)."""
+def _top_eigenpair(matvec, init, *, method, which, num_iters, tol, krylov_dim=None,
+                   screen_dim=None):
+  """:func:`top_eigenpair` without validation (for callers that validated);
+  ``screen_dim``: see :func:`_lanczos_cycle` (Lanczos only)."""
   if method == "lanczos":
     result = _lanczos(matvec, init, num_iters=num_iters, tol=tol,
-                      krylov_dim=krylov_dim, which=which)
+                      krylov_dim=krylov_dim, which=which, screen_dim=screen_dim)
     if which == "magnitude":
       result = dataclasses.replace(result, value=jnp.abs(result.value))
     return result
@@ -265,8 +267,9 @@ def _tridiagonal(alpha: jax.Array, beta: jax.Array, j: jax.Array, which: str) ->
   return jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
 
 
-def _lanczos_cycle_init(v0: jax.Array, m: int) -> tuple:
-  basis = jnp.zeros((m + 1,) + v0.shape, v0.dtype).at[0].set(v0)
+def _lanczos_cycle_init(v0: jax.Array, m: int, rows: int | None = None) -> tuple:
+  """A cycle's state: ``rows`` (default ``m + 1``) basis rows, tridiagonal of order ``m``."""
+  basis = jnp.zeros(((rows or m + 1),) + v0.shape, v0.dtype).at[0].set(v0)
   zeros = jnp.zeros((m,), v0.dtype)
   zero = jnp.zeros((), v0.dtype)
   # (basis, alpha, beta, j, done, theta, residual)
@@ -307,36 +310,61 @@ def _normalize(v: jax.Array, fallback: jax.Array) -> jax.Array:
   return jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1.0), fallback)
 
 
-def _lanczos_cycle(matvec, v0, *, m, budget, tol, which):
-  """One Lanczos run of at most ``min(m, budget)`` steps from unit ``v0``."""
-  basis, alpha, beta, j, done, theta, residual = lax.while_loop(
-      lambda s: _lanczos_cond_fun(s, m, budget),
-      lambda s: _lanczos_body_fun(s, matvec, tol, which),
-      _lanczos_cycle_init(v0, m))
-  thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-  # Combinations of the first m rows, as products with the whole basis and a
-  # zero last coefficient: slicing `basis[:m]` would copy m parameter-sized rows.
-  combine = lambda coeffs: _dot(jnp.concatenate([coeffs, jnp.zeros((1,), coeffs.dtype)]), basis)
-  vector = _normalize(combine(vecs[:, _select(thetas, which)]), v0)
-  restart = vector
-  if which == "magnitude":  # keep both ends of the spectrum alive
-    ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
-    restart = _normalize(combine(ends), vector)
-  return vector, restart, theta, residual, j, done
+def _lanczos_cycle(matvec, v0, *, m, budget, tol, which, screen_dim=None):
+  """One Lanczos run of at most ``min(m, budget)`` steps from unit ``v0``.
+
+  With ``screen_dim = s < m`` the first ``s`` steps keep an ``(s + 1)``-row
+  basis (a screen: memory traffic of ``s + 1`` vectors per step instead of
+  ``m + 1``); only when they have not converged is the basis copied into the
+  full one and the run continued. The iterates are those of the plain run.
+  """
+  body = lambda state: _lanczos_body_fun(state, matvec, tol, which)
+
+  def run(state, steps):
+    return lax.while_loop(lambda st: _lanczos_cond_fun(st, steps, budget), body, state)
+
+  def finish(state):
+    basis, alpha, beta, j, done, theta, residual = state
+    thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
+    # Combinations of the first rows, as products with the whole basis and a
+    # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
+    rows = basis.shape[0]
+    combine = lambda coeffs: _dot(
+        jnp.concatenate([coeffs[:rows - 1], jnp.zeros((1,), coeffs.dtype)]), basis)
+    vector = _normalize(combine(vecs[:, _select(thetas, which)]), v0)
+    restart = vector
+    if which == "magnitude":  # keep both ends of the spectrum alive
+      ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
+      restart = _normalize(combine(ends), vector)
+    return vector, restart, theta, residual, j, done
+
+  if screen_dim is None or screen_dim >= m:
+    return finish(run(_lanczos_cycle_init(v0, m), m))
+  screened = run(_lanczos_cycle_init(v0, m, rows=screen_dim + 1), screen_dim)
+
+  def refine(state):
+    basis, *rest = state
+    full = jnp.zeros((m + 1,) + v0.shape, v0.dtype).at[:screen_dim + 1].set(basis)
+    return finish(run((full, *rest), m))
+
+  _, _, _, j, done, _, _ = screened
+  return lax.cond(done | (j >= budget), finish, refine, screened)
 
 
-def _lanczos(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest") -> EigResult:
+def _lanczos(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest",
+             screen_dim=None) -> EigResult:
   # The Krylov basis is one `(m + 1, P)` array: vectors are ravelled at the
   # operator boundary only, so reorthogonalisation is one matrix product (and
   # compiles far faster than per-leaf products); the operator sees pytrees.
   flat_init, unravel = ravel_pytree(init)
   flat_matvec = lambda u: ravel_pytree(matvec(unravel(u)))[0]
   result = _flat_lanczos(flat_matvec, flat_init, num_iters=num_iters, tol=tol,
-                         krylov_dim=krylov_dim, which=which)
+                         krylov_dim=krylov_dim, which=which, screen_dim=screen_dim)
   return dataclasses.replace(result, vector=unravel(result.vector))
 
 
-def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which) -> EigResult:
+def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which,
+                  screen_dim=None) -> EigResult:
   m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), init.shape[0]))
   v0 = _normalize(init, init)
   zero = jnp.zeros((), v0.dtype)
@@ -348,7 +376,7 @@ def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which) -> EigResu
   def body_fun(state):
     start, _, _, _, it, _ = state
     vector, restart, theta, residual, steps, done = _lanczos_cycle(
-        matvec, start, m=m, budget=num_iters - it, tol=tol, which=which)
+        matvec, start, m=m, budget=num_iters - it, tol=tol, which=which, screen_dim=screen_dim)
     return restart, vector, theta, residual, it + steps, done
 
   init_state = (v0, v0, zero, zero, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
