@@ -12,8 +12,7 @@ process (nothing in memory is shared):
 * ``cold`` — the cache enabled on an empty directory (compiles, then writes);
 * ``warm`` — the same directory again (reads instead of compiling).
 
-The snapshot is the one ``snapshot_core`` previews (factored Hessian warm
-starts, Jacobian norms from the NTK pass).
+The snapshot is ``snapshot_core``'s (the ``Snapshotter`` as the hook runs it).
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ def child(model: str, cache_dir: str | None) -> dict:
   apply_fn, params0, _, _, probe_x, probe_y = snapshot_core.problem(model)
   jax.block_until_ready((params0, probe_x))
   built = time.perf_counter()
-  with snapshot_core.both_previews():
-    snapshot_core.snapshotter(apply_fn, params0, probe_x, probe_y, snapshot_lib.SnapshotConfig())
+  snapshot_core.snapshotter(apply_fn, params0, probe_x, probe_y, snapshot_lib.SnapshotConfig())
   done = time.perf_counter()
   return {"import": imported - start, "model": built - imported, "startup": done - built,
           "load": os.getloadavg()[0]}
