@@ -106,13 +106,15 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
   for the next warm start.
 
   ``screen_iters = s``: a screen for warm starts. The first ``s`` Lanczos
-  steps keep an ``(s + 1)``-vector Krylov basis; only when their Ritz
-  residual is above ``tol · |θ|`` is the run continued, in the full basis
-  from where it stopped. Iterates, stopping rule and value are those of the
-  plain run; from a start close to the top eigenvector (the previous
-  snapshot's) the run ends within the screen, and each step's
-  reorthogonalisation and the final combination then cost ``s + 1``
-  parameter-sized vectors of memory traffic instead of ``krylov_dim + 1``.
+  steps run on pytrees with an ``(s + 1)``-vector Krylov basis; only when
+  their Ritz residual is above ``tol · |θ|`` does restarted Lanczos continue
+  from their Ritz vector (within the same ``num_iters`` budget). The
+  stopping rule and the quantity are those of the plain run. From a start
+  close to the top eigenvector (the previous snapshot's) the run ends within
+  the screen, without the full basis (``krylov_dim + 1`` parameter-sized
+  vectors to clear, reorthogonalise against and combine) and without
+  ravelling vectors at every product, which on CPU costs more than the
+  products themselves at a few steps.
   """
 
   def mean_loss(p):

@@ -92,11 +92,11 @@ class SnapshotConfig:
       when the vectors exceed ``warm_start_bytes`` (then without a screen).
       ``None``: no screen, ``num_iters`` on every problem.
     sharpness_screen_iters: with warm starts, the sharpness's Lanczos run
-      keeps a basis of this many + 1 vectors for its first steps and
-      continues in the full basis only when they have not converged
-      (``screen_iters`` of :func:`ntk_diag.sharpness.loss_sharpness_core`):
-      same iterates and value, less memory traffic when the previous
-      snapshot's eigenvector is already close. ``None``: no screen.
+      takes this many steps from the previous snapshot's eigenvector with a
+      small basis, and continues (restarted Lanczos, same budget and
+      stopping rule) only when their residual is above ``tol``
+      (``screen_iters`` of :func:`ntk_diag.sharpness.loss_sharpness_core`).
+      ``None``: no screen.
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
       when they fit in this many bytes (``norm_examples · k`` parameter-sized

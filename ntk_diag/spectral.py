@@ -123,7 +123,7 @@ def top_eigenpair(operator: Any, init: PyTree, *, method: str = "power",
 def _top_eigenpair(matvec, init, *, method, which, num_iters, tol, krylov_dim=None,
                    screen_dim=None):
   """:func:`top_eigenpair` without validation (for callers that validated);
-  ``screen_dim``: see :func:`_lanczos_cycle` (Lanczos only)."""
+  ``screen_dim``: see :func:`_lanczos` (Lanczos only)."""
   if method == "lanczos":
     result = _lanczos(matvec, init, num_iters=num_iters, tol=tol,
                       krylov_dim=krylov_dim, which=which, screen_dim=screen_dim)
@@ -267,9 +267,8 @@ def _tridiagonal(alpha: jax.Array, beta: jax.Array, j: jax.Array, which: str) ->
   return jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
 
 
-def _lanczos_cycle_init(v0: jax.Array, m: int, rows: int | None = None) -> tuple:
-  """A cycle's state: ``rows`` (default ``m + 1``) basis rows, tridiagonal of order ``m``."""
-  basis = jnp.zeros(((rows or m + 1),) + v0.shape, v0.dtype).at[0].set(v0)
+def _lanczos_cycle_init(v0: jax.Array, m: int) -> tuple:
+  basis = jnp.zeros((m + 1,) + v0.shape, v0.dtype).at[0].set(v0)
   zeros = jnp.zeros((m,), v0.dtype)
   zero = jnp.zeros((), v0.dtype)
   # (basis, alpha, beta, j, done, theta, residual)
@@ -292,6 +291,14 @@ def _lanczos_body_fun(state: tuple, matvec: Callable, tol: float, which: str) ->
   # Full reorthogonalisation against the basis, twice ("twice is enough").
   w = lax.fori_loop(0, 2, lambda _, u: u - _dot(_dot(basis, u), basis), w)
   b = jnp.linalg.norm(w)
+  alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol, which)
+  v_next = jnp.where(breakdown, 0.0, w / jnp.where(breakdown, 1.0, b)).astype(w.dtype)
+  return basis.at[j + 1].set(v_next), alpha, beta, j + 1, done, theta, residual
+
+
+def _lanczos_ritz(alpha, beta, j, a, b, tol, which) -> tuple:
+  """Step ``j``'s coefficients ``a = α_j``, ``b = β_j`` into the tridiagonal, and its
+  selected Ritz value, residual ``b |y_j|``, stop and breakdown flags."""
   alpha = alpha.at[j].set(a)
   beta = beta.at[j].set(b)
   thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j + 1, which))
@@ -301,8 +308,56 @@ def _lanczos_body_fun(state: tuple, matvec: Callable, tol: float, which: str) ->
   eps = jnp.finfo(alpha.dtype).eps
   breakdown = b <= 100 * eps * jnp.max(jnp.abs(thetas))  # invariant subspace
   done = jnp.logical_or(residual <= tol * jnp.abs(theta), breakdown)
-  v_next = jnp.where(breakdown, 0.0, w / jnp.where(breakdown, 1.0, b)).astype(w.dtype)
-  return basis.at[j + 1].set(v_next), alpha, beta, j + 1, done, theta, residual
+  return alpha, beta, done, theta, residual, breakdown
+
+
+def _tree_screen(matvec: Callable, v0: PyTree, *, rows: int, m: int, budget: jax.Array,
+                 tol: float, which: str) -> tuple:
+  """The first ``rows - 1`` Lanczos steps from unit ``v0`` on pytrees.
+
+  The same step as :func:`_lanczos_body_fun`, with the basis held per leaf
+  (``(rows, *leaf)``) and the current vector carried as a loop variable, so
+  the operator sees its own pytree (slicing a flat basis into leaves at every
+  step costs more than the product on CPU). Returns the flat state
+  (basis rows ravelled) for :func:`_lanczos_cycle` to finish or continue.
+  """
+  leaves, treedef = jax.tree.flatten(v0)
+  dot = lambda u, w: sum(_dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, w))
+  rows_dot = lambda basis, u: sum(
+      jnp.tensordot(b, a, axes=a.ndim, precision=_HIGHEST) for b, a in zip(basis, u))
+  combine = lambda c, basis: [jnp.tensordot(c, b, axes=1, precision=_HIGHEST) for b in basis]
+  tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
+
+  def body(state):
+    basis, v, alpha, beta, j, _, _, _ = state
+    beta_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0.0)
+    w = tree_matvec(v)
+    a = dot(v, w)
+    w = [x - a * y - beta_prev * lax.dynamic_index_in_dim(z, jnp.maximum(j - 1, 0),
+                                                           keepdims=False)
+         for x, y, z in zip(w, v, basis)]
+    w = lax.fori_loop(0, 2, lambda _, u: [x - y for x, y in zip(
+        u, combine(rows_dot(basis, u), basis))], w)
+    b = jnp.sqrt(dot(w, w))
+    alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol,
+                                                                  which)
+    v_next = [jnp.where(breakdown, 0.0, x / jnp.where(breakdown, 1.0, b)).astype(x.dtype)
+              for x in w]
+    basis = [lax.dynamic_update_index_in_dim(z, x, j + 1, 0) for z, x in zip(basis, v_next)]
+    return basis, v_next, alpha, beta, j + 1, done, theta, residual
+
+  def cond(state):
+    _, _, _, _, j, done, _, _ = state
+    return jnp.logical_and(~done, jnp.logical_and(j < rows - 1, j < budget))
+
+  basis = [jnp.zeros((rows,) + a.shape, a.dtype).at[0].set(a) for a in leaves]
+  zeros = jnp.zeros((m,), leaves[0].dtype)
+  zero = jnp.zeros((), leaves[0].dtype)
+  state = (basis, leaves, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero,
+           zero)
+  basis, _, alpha, beta, j, done, theta, residual = lax.while_loop(cond, body, state)
+  flat = jnp.concatenate([b.reshape(rows, -1) for b in basis], axis=1)
+  return flat, alpha, beta, j, done, theta, residual
 
 
 def _normalize(v: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -310,45 +365,29 @@ def _normalize(v: jax.Array, fallback: jax.Array) -> jax.Array:
   return jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1.0), fallback)
 
 
-def _lanczos_cycle(matvec, v0, *, m, budget, tol, which, screen_dim=None):
-  """One Lanczos run of at most ``min(m, budget)`` steps from unit ``v0``.
+def _lanczos_cycle(matvec, v0, *, m, budget, tol, which):
+  """One Lanczos run of at most ``min(m, budget)`` steps from unit ``v0``."""
+  state = lax.while_loop(lambda st: _lanczos_cond_fun(st, m, budget),
+                         lambda st: _lanczos_body_fun(st, matvec, tol, which),
+                         _lanczos_cycle_init(v0, m))
+  return _lanczos_finish(state, v0, which)
 
-  With ``screen_dim = s < m`` the first ``s`` steps keep an ``(s + 1)``-row
-  basis (a screen: memory traffic of ``s + 1`` vectors per step instead of
-  ``m + 1``); only when they have not converged is the basis copied into the
-  full one and the run continued. The iterates are those of the plain run.
-  """
-  body = lambda state: _lanczos_body_fun(state, matvec, tol, which)
 
-  def run(state, steps):
-    return lax.while_loop(lambda st: _lanczos_cond_fun(st, steps, budget), body, state)
-
-  def finish(state):
-    basis, alpha, beta, j, done, theta, residual = state
-    thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-    # Combinations of the first rows, as products with the whole basis and a
-    # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
-    rows = basis.shape[0]
-    combine = lambda coeffs: _dot(
-        jnp.concatenate([coeffs[:rows - 1], jnp.zeros((1,), coeffs.dtype)]), basis)
-    vector = _normalize(combine(vecs[:, _select(thetas, which)]), v0)
-    restart = vector
-    if which == "magnitude":  # keep both ends of the spectrum alive
-      ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
-      restart = _normalize(combine(ends), vector)
-    return vector, restart, theta, residual, j, done
-
-  if screen_dim is None or screen_dim >= m:
-    return finish(run(_lanczos_cycle_init(v0, m), m))
-  screened = run(_lanczos_cycle_init(v0, m, rows=screen_dim + 1), screen_dim)
-
-  def refine(state):
-    basis, *rest = state
-    full = jnp.zeros((m + 1,) + v0.shape, v0.dtype).at[:screen_dim + 1].set(basis)
-    return finish(run((full, *rest), m))
-
-  _, _, _, j, done, _, _ = screened
-  return lax.cond(done | (j >= budget), finish, refine, screened)
+def _lanczos_finish(state: tuple, v0: jax.Array, which: str) -> tuple:
+  """``(vector, restart, theta, residual, j, done)`` of a cycle's final state."""
+  basis, alpha, beta, j, done, theta, residual = state
+  thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
+  # Combinations of the first rows, as products with the whole basis and a
+  # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
+  rows = basis.shape[0]
+  combine = lambda coeffs: _dot(
+      jnp.concatenate([coeffs[:rows - 1], jnp.zeros((1,), coeffs.dtype)]), basis)
+  vector = _normalize(combine(vecs[:, _select(thetas, which)]), v0)
+  restart = vector
+  if which == "magnitude":  # keep both ends of the spectrum alive
+    ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
+    restart = _normalize(combine(ends), vector)
+  return vector, restart, theta, residual, j, done
 
 
 def _lanczos(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest",
@@ -358,13 +397,31 @@ def _lanczos(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest",
   # compiles far faster than per-leaf products); the operator sees pytrees.
   flat_init, unravel = ravel_pytree(init)
   flat_matvec = lambda u: ravel_pytree(matvec(unravel(u)))[0]
-  result = _flat_lanczos(flat_matvec, flat_init, num_iters=num_iters, tol=tol,
-                         krylov_dim=krylov_dim, which=which, screen_dim=screen_dim)
+  m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), flat_init.shape[0]))
+  run = lambda start, budget: _flat_lanczos(flat_matvec, start, num_iters=budget, tol=tol,
+                                            krylov_dim=m, which=which)
+  if screen_dim is None or screen_dim >= min(m, num_iters):
+    result = run(flat_init, num_iters)
+    return dataclasses.replace(result, vector=unravel(result.vector))
+  # Screen: the first steps on pytrees with a small basis; restarted Lanczos
+  # from their Ritz vector only when they have not converged.
+  v0 = _normalize(flat_init, flat_init)
+  state = _tree_screen(matvec, unravel(v0), rows=screen_dim + 1, m=m, budget=num_iters,
+                       tol=tol, which=which)
+  vector, restart, theta, residual, j, done = _lanczos_finish(state, v0, which)
+  screened = EigResult(value=theta, vector=vector, iterations=j, converged=done,
+                       residual=residual)
+
+  # A while loop of zero trips when the screen converged (cheaper than a
+  # `lax.cond` around the solver on CPU).
+  accept = done | (j >= num_iters)
+  refined = run(restart, jnp.where(accept, 0, num_iters - j))
+  refined = dataclasses.replace(refined, iterations=refined.iterations + j)
+  result = jax.tree.map(lambda a, b: jnp.where(accept, a, b), screened, refined)
   return dataclasses.replace(result, vector=unravel(result.vector))
 
 
-def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which,
-                  screen_dim=None) -> EigResult:
+def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which) -> EigResult:
   m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), init.shape[0]))
   v0 = _normalize(init, init)
   zero = jnp.zeros((), v0.dtype)
@@ -376,7 +433,7 @@ def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which,
   def body_fun(state):
     start, _, _, _, it, _ = state
     vector, restart, theta, residual, steps, done = _lanczos_cycle(
-        matvec, start, m=m, budget=num_iters - it, tol=tol, which=which, screen_dim=screen_dim)
+        matvec, start, m=m, budget=num_iters - it, tol=tol, which=which)
     return restart, vector, theta, residual, it + steps, done
 
   init_state = (v0, v0, zero, zero, jnp.zeros((), jnp.int32), jnp.zeros((), bool))

@@ -66,8 +66,8 @@ def test_core_under_jit_with_warm_start():
 
 
 def test_screened_core_continues_when_the_screen_has_not_converged():
-  # A screen of 3 steps in a basis of 8 (restarted): from a poor start the run
-  # continues past the screen; from the previous eigenvector it ends within it.
+  # A screen of 3 steps, then restarted Lanczos (basis of 8): from a poor start
+  # the run continues past the screen; from the previous eigenvector it ends within it.
   apply_fn, params, x, y = _problem(seed=2)
   spectrum = _dense_spectrum(apply_fn, params, x, y, "mse")
   core = jax.jit(lambda p, init, screen: sharpness.loss_sharpness_core(
@@ -77,9 +77,10 @@ def test_screened_core_continues_when_the_screen_has_not_converged():
   cold, plain = core(params, start, 3), core(params, start, None)
   warm = core(params, cold.vector, 3)
   assert int(cold.iterations) > 3 and int(warm.iterations) <= 3
-  # Same iterates as without the screen; measured relative error 2e-7.
-  assert int(cold.iterations) == int(plain.iterations)
+  assert bool(cold.converged) and bool(warm.converged) and bool(plain.converged)
+  # Measured relative errors 2e-7.
   np.testing.assert_allclose(float(cold.value), spectrum[-1], rtol=1e-4)
+  np.testing.assert_allclose(float(plain.value), spectrum[-1], rtol=1e-4)
   np.testing.assert_allclose(float(warm.value), spectrum[-1], rtol=1e-4)
 
 
