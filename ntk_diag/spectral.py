@@ -311,34 +311,33 @@ def _lanczos_ritz(alpha, beta, j, a, b, tol, which) -> tuple:
   return alpha, beta, done, theta, residual, breakdown
 
 
-def _tree_screen(matvec: Callable, v0: PyTree, *, rows: int, m: int, budget: jax.Array,
-                 tol: float, which: str) -> tuple:
-  """The first ``rows - 1`` Lanczos steps from unit ``v0`` on pytrees.
+def _tree_screen(matvec: Callable, v0: list, treedef: Any, *, rows: int, m: int,
+                 budget: jax.Array, tol: float, which: str) -> tuple:
+  """The first ``rows - 1`` Lanczos steps from the unit leaves ``v0``, on pytrees.
 
   The same step as :func:`_lanczos_body_fun`, with the basis held per leaf
   (``(rows, *leaf)``) and the current vector carried as a loop variable, so
-  the operator sees its own pytree (slicing a flat basis into leaves at every
-  step costs more than the product on CPU). Returns the flat state
-  (basis rows ravelled) for :func:`_lanczos_cycle` to finish or continue.
+  the operator sees its own pytree (ravelling vectors at every product costs
+  more than the product itself on CPU at a few steps). Returns
+  ``(vector, restart, theta, residual, j, done)`` as :func:`_lanczos_finish`,
+  vectors as leaf lists.
   """
-  leaves, treedef = jax.tree.flatten(v0)
-  dot = lambda u, w: sum(_dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, w))
+  tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
   rows_dot = lambda basis, u: sum(
       jnp.tensordot(b, a, axes=a.ndim, precision=_HIGHEST) for b, a in zip(basis, u))
   combine = lambda c, basis: [jnp.tensordot(c, b, axes=1, precision=_HIGHEST) for b in basis]
-  tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
 
   def body(state):
     basis, v, alpha, beta, j, _, _, _ = state
     beta_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0.0)
     w = tree_matvec(v)
-    a = dot(v, w)
+    a = _tree_dot(v, w)
     w = [x - a * y - beta_prev * lax.dynamic_index_in_dim(z, jnp.maximum(j - 1, 0),
                                                            keepdims=False)
          for x, y, z in zip(w, v, basis)]
     w = lax.fori_loop(0, 2, lambda _, u: [x - y for x, y in zip(
         u, combine(rows_dot(basis, u), basis))], w)
-    b = jnp.sqrt(dot(w, w))
+    b = jnp.sqrt(_tree_dot(w, w))
     alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol,
                                                                   which)
     v_next = [jnp.where(breakdown, 0.0, x / jnp.where(breakdown, 1.0, b)).astype(x.dtype)
@@ -350,14 +349,29 @@ def _tree_screen(matvec: Callable, v0: PyTree, *, rows: int, m: int, budget: jax
     _, _, _, _, j, done, _, _ = state
     return jnp.logical_and(~done, jnp.logical_and(j < rows - 1, j < budget))
 
-  basis = [jnp.zeros((rows,) + a.shape, a.dtype).at[0].set(a) for a in leaves]
-  zeros = jnp.zeros((m,), leaves[0].dtype)
-  zero = jnp.zeros((), leaves[0].dtype)
-  state = (basis, leaves, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero,
-           zero)
+  dtype = v0[0].dtype
+  basis = [jnp.zeros((rows,) + a.shape, a.dtype).at[0].set(a) for a in v0]
+  zeros, zero = jnp.zeros((m,), dtype), jnp.zeros((), dtype)
+  state = (basis, v0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero, zero)
   basis, _, alpha, beta, j, done, theta, residual = lax.while_loop(cond, body, state)
-  flat = jnp.concatenate([b.reshape(rows, -1) for b in basis], axis=1)
-  return flat, alpha, beta, j, done, theta, residual
+  thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
+  # The last row never enters a Ritz vector: a zero coefficient (no copy of the others).
+  coeffs = lambda y: jnp.concatenate([y[:rows - 1], jnp.zeros((1,), y.dtype)])
+  vector = _tree_unit(combine(coeffs(vecs[:, _select(thetas, which)]), basis), v0)
+  restart = vector
+  if which == "magnitude":  # keep both ends of the spectrum alive
+    ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
+    restart = _tree_unit(combine(coeffs(ends), basis), vector)
+  return vector, restart, theta, residual, j, done
+
+
+def _tree_dot(u: list, w: list) -> jax.Array:
+  return sum(_dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, w))
+
+
+def _tree_unit(v: list, fallback: list) -> list:
+  norm = jnp.sqrt(_tree_dot(v, v))
+  return [jnp.where(norm > 0, a / jnp.where(norm > 0, norm, 1.0), f) for a, f in zip(v, fallback)]
 
 
 def _normalize(v: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -404,21 +418,22 @@ def _lanczos(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest",
     result = run(flat_init, num_iters)
     return dataclasses.replace(result, vector=unravel(result.vector))
   # Screen: the first steps on pytrees with a small basis; restarted Lanczos
-  # from their Ritz vector only when they have not converged.
-  v0 = _normalize(flat_init, flat_init)
-  state = _tree_screen(matvec, unravel(v0), rows=screen_dim + 1, m=m, budget=num_iters,
-                       tol=tol, which=which)
-  vector, restart, theta, residual, j, done = _lanczos_finish(state, v0, which)
+  # (on flat vectors) from their Ritz vector only when they have not converged.
+  leaves, treedef = jax.tree.flatten(init)
+  v0 = _tree_unit(leaves, leaves)
+  vector, restart, theta, residual, j, done = _tree_screen(
+      matvec, v0, treedef, rows=screen_dim + 1, m=m, budget=num_iters, tol=tol, which=which)
   screened = EigResult(value=theta, vector=vector, iterations=j, converged=done,
                        residual=residual)
 
-  # A while loop of zero trips when the screen converged (cheaper than a
-  # `lax.cond` around the solver on CPU).
-  accept = done | (j >= num_iters)
-  refined = run(restart, jnp.where(accept, 0, num_iters - j))
-  refined = dataclasses.replace(refined, iterations=refined.iterations + j)
-  result = jax.tree.map(lambda a, b: jnp.where(accept, a, b), screened, refined)
-  return dataclasses.replace(result, vector=unravel(result.vector))
+  def refine():
+    result = run(ravel_pytree(jax.tree.unflatten(treedef, restart))[0], num_iters - j)
+    return EigResult(value=result.value, vector=jax.tree.leaves(unravel(result.vector)),
+                     iterations=result.iterations + j, converged=result.converged,
+                     residual=result.residual)
+
+  result = lax.cond(done | (j >= num_iters), lambda: screened, refine)
+  return dataclasses.replace(result, vector=jax.tree.unflatten(treedef, result.vector))
 
 
 def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which) -> EigResult:
