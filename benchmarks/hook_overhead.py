@@ -88,7 +88,7 @@ class PausableClock:
 
 def run(quick: bool = False, repeats: int = 5, groups: tuple[str, ...] = ALL_GROUPS,
         max_overhead: float = 0.05) -> dict:
-  steps = 500 if quick else 1000
+  steps = 500 if quick else 2000
   apply_fn, params0, pool, labels, probe_x, probe_y = _problem()
   num_params = sum(a.size for a in jax.tree.leaves(params0))
   opt = optax.sgd(0.05)
