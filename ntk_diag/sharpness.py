@@ -106,15 +106,15 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
   for the next warm start.
 
   ``screen_iters = s``: a screen for warm starts. The first ``s`` Lanczos
-  steps run on pytrees with an ``(s + 1)``-vector Krylov basis; only when
-  their Ritz residual is above ``tol · |θ|`` does restarted Lanczos continue
-  from their Ritz vector (within the same ``num_iters`` budget). The
-  stopping rule and the quantity are those of the plain run. From a start
-  close to the top eigenvector (the previous snapshot's) the run ends within
-  the screen, without the full basis (``krylov_dim + 1`` parameter-sized
-  vectors to clear, reorthogonalise against and combine) and without
-  ravelling vectors at every product, which on CPU costs more than the
-  products themselves at a few steps.
+  steps use an ``(s + 1)``-vector Krylov basis; only when their Ritz
+  residual is above ``tol · |θ|`` does restarted Lanczos (basis
+  ``krylov_dim``) continue from their Ritz vector, within the same
+  ``num_iters`` budget. The stopping rule and the quantity are those of the
+  plain run. Both stages keep vectors as pytrees of the parameters' shapes
+  (the plain run ravels them at every product, which on CPU costs more than
+  a product at a few steps). From a start close to the top eigenvector (the
+  previous snapshot's) the run ends within the screen, without the full
+  basis to clear, reorthogonalise against and combine.
   """
 
   def mean_loss(p):

@@ -311,9 +311,9 @@ def _lanczos_ritz(alpha, beta, j, a, b, tol, which) -> tuple:
   return alpha, beta, done, theta, residual, breakdown
 
 
-def _tree_screen(matvec: Callable, v0: list, treedef: Any, *, rows: int, m: int,
+def _tree_cycle(matvec: Callable, v0: list, treedef: Any, *, rows: int, m: int,
                  budget: jax.Array, tol: float, which: str) -> tuple:
-  """The first ``rows - 1`` Lanczos steps from the unit leaves ``v0``, on pytrees.
+  """At most ``rows - 1`` Lanczos steps from the unit leaves ``v0``, on pytrees.
 
   The same step as :func:`_lanczos_body_fun`, with the basis held per leaf
   (``(rows, *leaf)``) and the current vector carried as a loop variable, so
@@ -417,23 +417,32 @@ def _lanczos(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest",
   if screen_dim is None or screen_dim >= min(m, num_iters):
     result = run(flat_init, num_iters)
     return dataclasses.replace(result, vector=unravel(result.vector))
-  # Screen: the first steps on pytrees with a small basis; restarted Lanczos
-  # (on flat vectors) from their Ritz vector only when they have not converged.
+  # Screen: the first steps with a small basis; restarted Lanczos with the
+  # full one from their Ritz vector only when they have not converged. Both
+  # on pytrees: ravelling vectors at every product costs more than a product
+  # on CPU (the flat basis above compiles faster, for the plain run).
   leaves, treedef = jax.tree.flatten(init)
   v0 = _tree_unit(leaves, leaves)
-  vector, restart, theta, residual, j, done = _tree_screen(
-      matvec, v0, treedef, rows=screen_dim + 1, m=m, budget=num_iters, tol=tol, which=which)
-  screened = EigResult(value=theta, vector=vector, iterations=j, converged=done,
-                       residual=residual)
+  cycle = lambda start, rows, budget: _tree_cycle(
+      matvec, start, treedef, rows=rows, m=m, budget=budget, tol=tol, which=which)
+  vector, restart, theta, residual, j, done = cycle(v0, screen_dim + 1, num_iters)
+  zero = jnp.zeros((), theta.dtype)
 
   def refine():
-    result = run(ravel_pytree(jax.tree.unflatten(treedef, restart))[0], num_iters - j)
-    return EigResult(value=result.value, vector=jax.tree.leaves(unravel(result.vector)),
-                     iterations=result.iterations + j, converged=result.converged,
-                     residual=result.residual)
+    def body(state):
+      start, _, _, _, it, _ = state
+      vector, restart, theta, residual, steps, done = cycle(start, m + 1, num_iters - it)
+      return restart, vector, theta, residual, it + steps, done
 
-  result = lax.cond(done | (j >= num_iters), lambda: screened, refine)
-  return dataclasses.replace(result, vector=jax.tree.unflatten(treedef, result.vector))
+    state = (restart, vector, zero, zero, j, jnp.zeros((), bool))
+    _, vector_r, theta_r, residual_r, it, converged = lax.while_loop(
+        lambda st: jnp.logical_and(~st[5], st[4] < num_iters), body, state)
+    return vector_r, theta_r, residual_r, it, converged
+
+  vector, theta, residual, j, done = lax.cond(
+      done | (j >= num_iters), lambda: (vector, theta, residual, j, done), refine)
+  return EigResult(value=theta, vector=jax.tree.unflatten(treedef, vector), iterations=j,
+                   converged=done, residual=residual)
 
 
 def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which) -> EigResult:
