@@ -33,6 +33,7 @@ Measured, all in one process:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -92,14 +93,14 @@ def profile_pieces(apply_fn, params0, params1, probe_x, probe_y, repeats: int) -
   k0, kt = ntk_fn(params0, probe_x), ntk_fn(params1, probe_x)
   stats_fn = jax.jit(lambda k, k0, y: kernel_stats(k, K0=k0, y=y, top_k=k.shape[0]))
   eig_fn = jax.jit(jnp.linalg.eigvalsh)
-  jac_fn = jax.jit(lambda p, x: norms_lib.jacobian_norm_core(
-      apply_fn, p, x, num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method).value)
-  hess_fn = jax.jit(lambda p, x, init: norms_lib.hessian_norm_core(
-      apply_fn, p, x, init=init, num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
-      return_vector=True))
+  solver = norms_lib.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)
+  warm = dataclasses.replace(solver, return_vector=True)
+  screened = dataclasses.replace(warm, screen_iters=cfg.hessian_screen_iters)
+  jac_fn = jax.jit(lambda p, x: norms_lib.jacobian_norm_core(apply_fn, p, x, solver).value)
+  hess_fn = jax.jit(lambda p, x, init: norms_lib.hessian_norm_core(apply_fn, p, x, warm,
+                                                                   init=init))
   screened_fn = jax.jit(lambda p, x, init, values: norms_lib.hessian_norm_core(
-      apply_fn, p, x, init=init, num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
-      return_vector=True, screen_iters=cfg.hessian_screen_iters, init_values=values))
+      apply_fn, p, x, screened, init=init, init_values=values))
   x_hess = probe_x[:n_hess]
   _, cold, cold_values = snapshot_lib.SnapshotEngine(
       apply_fn, params0, probe_x, probe_y, kernel0=None,

@@ -173,11 +173,11 @@ def ntk_diagonal_for_jacobian_norms():
         method=cfg.ntk_method, batch_size=cfg.ntk_batch_size)
     return kernel
 
-  def jacobian(apply_fn, params, x, **options):
+  def jacobian(apply_fn, params, x, *args, **kwargs):
     grams = stash.pop("grams", None)
     n = jax.tree.leaves(x)[0].shape[0]
     if grams is None or grams.shape[0] != n or grams.shape[1] > norms_lib.GRAM_MAX_OUTPUTS:
-      return original_jacobian(apply_fn, params, x, **options)
+      return original_jacobian(apply_fn, params, x, *args, **kwargs)
     return norms_lib.jacobian_norm_from_grams(grams)
 
   snapshot_lib._kernel, snapshot_lib.norms.jacobian_norm_core = kernel, jacobian
@@ -206,6 +206,13 @@ def snapshotter(apply_fn, params0, probe_x, probe_y, cfg):
   return snap, state
 
 
+def _solver(**keywords) -> tuple[tuple, dict]:
+  """``(args, kwargs)`` of the norm cores' solver options: one ``SolverOptions``,
+  or in older checkouts (to time them) the keywords themselves."""
+  options = getattr(norms_lib, "SolverOptions", None)
+  return ((options(**keywords),), {}) if options else ((), keywords)
+
+
 def _compile_seconds(fn, *args) -> float:
   start = time.perf_counter()
   jax.jit(fn).lower(*args).compile()
@@ -220,21 +227,22 @@ def run(name: str, repeats: int = 5, main_snapshot: bool = True) -> dict:
   cfg = snapshot_lib.SnapshotConfig()
   x_norm = probe_x[:NORM_EXAMPLES]
   k = 10
-  solver = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)
+  solver = _solver(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)
+  screened = _solver(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
+                     screen_iters=cfg.hessian_screen_iters, return_vector=True)
 
   def ntk_fn(p, x):
     return ntk_lib.empirical_ntk(apply_fn, p, x, trace_outputs=True)
 
   def jac_fn(p, x):
-    return norms_lib.jacobian_norm_core(apply_fn, p, x, **solver).value
+    return norms_lib.jacobian_norm_core(apply_fn, p, x, *solver[0], **solver[1]).value
 
   def hess_cold_fn(p, x, key):
-    return norms_lib.hessian_norm_core(apply_fn, p, x, key=key, **solver).value
+    return norms_lib.hessian_norm_core(apply_fn, p, x, *solver[0], key=key, **solver[1]).value
 
   def hess_screened_fn(p, x, init, values):
-    return norms_lib.hessian_norm_core(apply_fn, p, x, init=init, init_values=values,
-                                       screen_iters=cfg.hessian_screen_iters,
-                                       return_vector=True, **solver)
+    return norms_lib.hessian_norm_core(apply_fn, p, x, *screened[0], init=init, init_values=values,
+                                       **screened[1])
 
   try:  # the snapshot's sharpness (Lanczos on the mean probe loss), where it exists
     from ntk_diag import sharpness as sharpness_lib

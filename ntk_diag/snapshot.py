@@ -48,6 +48,7 @@ import numpy as np
 from jax import lax
 
 from ntk_diag import _layout
+from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _placement
 from ntk_diag import _tree
@@ -236,9 +237,8 @@ def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, prob
 
 def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int) -> bool:
   """Whether the warm-start vectors (``norm_examples · k + 1`` parameter-sized) fit the budget."""
-  per_vector = _tree.tree_size(theta0) * jnp.dtype(_model.param_dtype(theta0)).itemsize
-  count = norm_examples * k + (norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0) + 1
-  return count * per_vector <= budget_bytes
+  return _memory.warm_start_fits(theta0, norm_examples, k, budget_bytes,
+                                 jacobian_vectors=k > norms.GRAM_MAX_OUTPUTS)
 
 
 def layer_groups(params: PyTree) -> list[str]:
@@ -318,14 +318,14 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
       updates["infinite_kernel"] = kernel_inf
 
   if spec.compute_norms:
-    options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
-                   return_vector=spec.warm_start)
+    options = norms.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
+                                  return_vector=spec.warm_start,
+                                  screen_iters=cfg.hessian_screen_iters)
     key_jac, key_hess = jax.random.split(jax.random.key(cfg.seed))
-    jac = norms.jacobian_norm_core(f, params, x_m, key=key_jac, init=state.jacobian_vectors,
-                                   **options)
-    hess = norms.hessian_norm_core(f, params, x_m, key=key_hess, init=state.hessian_vectors,
-                                   screen_iters=cfg.hessian_screen_iters,
-                                   init_values=state.hessian_values, **options)
+    jac = norms.jacobian_norm_core(f, params, x_m, options, key=key_jac,
+                                   init=state.jacobian_vectors)
+    hess = norms.hessian_norm_core(f, params, x_m, options, key=key_hess,
+                                   init=state.hessian_vectors, init_values=state.hessian_values)
     metrics["jacobian_norm"] = jac.value
     metrics["hessian_norm"] = hess.value
     metrics["kappa"] = norms.kappa(hess.value, jac.value, metrics["residual_norm"])
