@@ -327,9 +327,9 @@ def hessian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree,
   on every one of the ``n·k`` (example, output) eigenproblems. With
   ``options.screen_iters`` and the per-problem estimates ``init_values`` of
   a previous call (whose vectors are ``init``) it screens, then refines
-  (:func:`ntk_diag.eigenproblems.screen_and_refine`); ``iterations`` and ``converged`` then describe
-  the refined solves, and ``vector`` holds every problem's vector, so the
-  next call warm-starts every problem. ``init_values = inf`` everywhere
+  (:func:`ntk_diag.eigenproblems.screen_and_refine`); ``iterations`` and
+  ``converged`` then describe the refined solves, and ``vector`` holds every
+  problem's vector, so the next call warm-starts every problem. ``init_values = inf`` everywhere
   refines every problem; without ``init_values`` there is no screen.
 
   ``options.factored_vectors``: see
