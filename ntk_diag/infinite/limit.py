@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ntk_diag import _jacobians
 from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _validation
-from ntk_diag import ntk as _ntk
 from ntk_diag.infinite import _covariance as cv
 from ntk_diag.infinite import layers as _layers
 from ntk_diag.kernel_stats import safe_div
@@ -158,13 +158,13 @@ def _kernels_jit(net, x1, x2, *, layout, batch_size):
 
   if x2 is not None:
     x2 = jnp.asarray(x2, dtype)
-    both = _ntk.blockwise(block_fn, x1, x2, n1, x2.shape[0], batch_size)
+    both = _jacobians.blockwise(block_fn, x1, x2, n1, x2.shape[0], batch_size)
   elif batch_size >= n1:
     both = block_fn(x1, None)
   else:
     # Off-diagonal tiles pair different examples; the diagonal tiles, where
     # examples meet themselves, are recomputed jointly (see ``_covariance``).
-    both = _ntk.blockwise(block_fn, x1, x1, n1, n1, batch_size, share=True)
+    both = _jacobians.blockwise(block_fn, x1, x1, n1, n1, batch_size, share=True)
     tiles = _model.pad_to_blocks(x1, n1, batch_size)
     diagonal = lax.map(lambda tile: block_fn(tile, None), tiles)  # (nb, b, b, 2)
     idx = jnp.minimum(jnp.arange(tiles.shape[0] * batch_size), n1 - 1).reshape(tiles.shape[:2])
