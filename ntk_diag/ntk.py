@@ -59,8 +59,9 @@ def empirical_ntk_fn(apply_fn: Callable, *, trace_outputs: bool = True, method: 
   for ``batch_size=None``, the structured plan — is made on the first call with
   given shapes (parameter shapes, per-example input shape, ``n1``, ``n2``) and
   reused by later calls with the same shapes; the kernel itself runs compiled
-  (``jax.jit``, one compilation per shapes). ``ntk_fn`` may also be called
-  inside ``jax.jit``.
+  (``jax.jit``, one compilation per shapes). With a ``model_state`` (whose
+  values change between calls) the plan is made when the kernel is compiled.
+  ``ntk_fn`` may also be called inside ``jax.jit``.
 
   Args:
     apply_fn: ``apply_fn(params, x) -> (n, *out)``; ``k = prod(out)``; with a
@@ -141,7 +142,8 @@ def empirical_ntk_and_diagonal_fn(apply_fn: Callable, *, num_diagonal: int,
     choice = choose(params, x, n, n, model_state)
     if choice.joint:
       kernel, diagonal = _structured_joint(apply_fn, params, x, model_state,
-                                           trace_outputs=choose.trace_outputs, count=count)
+                                           trace_outputs=choose.trace_outputs, count=count,
+                                           plan=_StaticPlan.of(choice.plan))
       return _squeeze_scalar_output(kernel, choice.out_shape, choose.trace_outputs), diagonal
     f = _model.bind_model_state(apply_fn, model_state)
     diagonal = jax.vmap(lambda xi: example_gram(f, params, xi))(
@@ -186,6 +188,7 @@ class _Choice:
   batch_size: int         # examples per block
   out_shape: tuple        # per-example output shape
   joint: bool             # structured in one block: kernel and diagonal from one pass
+  plan: Any = None        # the structured plan when it holds no tracers (else made per trace)
 
 
 class _Chooser:
@@ -210,10 +213,10 @@ class _Chooser:
     key = (_shapes(params, 0), _shapes(x1, 1), _shapes(model_state, 0), n1, n2)
     if key not in self._choices:
       f = _model.bind_model_state(self.apply_fn, model_state)
-      self._choices[key] = self._choose(f, params, x1, n1, n2)
+      self._choices[key] = self._choose(f, params, x1, n1, n2, model_state)
     return self._choices[key]
 
-  def _choose(self, f, params, x1, n1, n2) -> _Choice:
+  def _choose(self, f, params, x1, n1, n2, model_state) -> _Choice:
     out_shape = _model.example_output_shape(f, params, x1)
     k = _model.num_outputs(out_shape)
     num_params = _tree.tree_size(params)
@@ -239,13 +242,22 @@ class _Chooser:
           f"`batch_size`={batch_size} exceeds the memory budget of {budget / 2**30:.2f} GiB for "
           f"method={method!r} with P={num_params} parameters and k={k} outputs; "
           f"batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
-    return _Choice(method, batch_size, out_shape, joint)
+    if not self._reusable(plan, model_state):
+      plan = None  # made again when the kernel is traced
+    return _Choice(method, batch_size, out_shape, joint, plan)
+
+  @staticmethod
+  def _reusable(plan, model_state) -> bool:
+    """Whether ``plan`` may serve later calls: its constants are neither a model state
+    (which changes between calls) nor values of an enclosing trace."""
+    return plan is not None and model_state is None and not any(
+        isinstance(c, jax.core.Tracer) for c in plan.graph.consts.values())
 
 
 def _kernel(choose: _Chooser, choice: _Choice, params, x1, x2, model_state) -> jax.Array:
   kernel = _ntk_jit(choose.apply_fn, params, x1, x2, model_state,
                     trace_outputs=choose.trace_outputs, method=choice.method,
-                    batch_size=choice.batch_size)
+                    batch_size=choice.batch_size, plan=_StaticPlan.of(choice.plan))
   return _squeeze_scalar_output(kernel, choice.out_shape, choose.trace_outputs)
 
 
@@ -317,17 +329,41 @@ def choose_batch_size(method: str, n1: int, n2: int, k: int, num_params: int,
   return int(max(1, min(n, budget_bytes // max(per_example, 1))))
 
 
+class _StaticPlan:
+  """A structured plan as a static ``jax.jit`` argument. All compare equal: the plan
+  is determined by what jit's cache key already holds (``apply_fn``, the shapes and
+  dtypes of the arguments), so kernel functions built anew for the same model reuse
+  one compilation, and a compilation uses the plan it was handed."""
+
+  def __init__(self, plan):
+    self.plan = plan
+
+  @classmethod
+  def of(cls, plan) -> _StaticPlan | None:
+    return None if plan is None else cls(plan)
+
+  def __eq__(self, other):
+    return isinstance(other, _StaticPlan)
+
+  def __hash__(self):
+    return hash(_StaticPlan)
+
+
+def _plan(f, params, x, plan: _StaticPlan | None):
+  """The handed plan, or (``None``) the plan made now, at trace time."""
+  return plan.plan if plan is not None else structured.plan_or_none(f, params, x)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "trace_outputs", "method", "batch_size"))
-def _ntk_jit(apply_fn, params, x1, x2, model_state=None, *, trace_outputs, method, batch_size):
-  """``x2=None`` means ``x1``; per-example Jacobians are then computed once. The
-  structured plan is made here, once per compilation."""
+    "apply_fn", "trace_outputs", "method", "batch_size", "plan"))
+def _ntk_jit(apply_fn, params, x1, x2, model_state=None, *, trace_outputs, method, batch_size,
+             plan=None):
+  """``x2=None`` means ``x1``; per-example Jacobians are then computed once."""
   symmetric = x2 is None
   x2 = x1 if symmetric else x2
   f = _model.bind_model_state(apply_fn, model_state)
   if method == "structured":
-    block_fn = structured.kernel_block_fn(structured.plan_or_none(f, params, x1), f, params,
-                                          trace_outputs)
+    block_fn = structured.kernel_block_fn(_plan(f, params, x1, plan), f, params, trace_outputs)
   else:
     block_fn = {"jacobian": _jacobians.jacobian_block, "ntk_vp": _jacobians.ntk_vp_block}[method]
     block_fn = functools.partial(block_fn, f, params, trace_outputs=trace_outputs)
@@ -337,8 +373,7 @@ def _ntk_jit(apply_fn, params, x1, x2, model_state=None, *, trace_outputs, metho
                               share=symmetric and method in ("jacobian", "structured"))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "trace_outputs", "count"))
-def _structured_joint(apply_fn, params, x, model_state=None, *, trace_outputs, count):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "trace_outputs", "count", "plan"))
+def _structured_joint(apply_fn, params, x, model_state=None, *, trace_outputs, count, plan=None):
   f = _model.bind_model_state(apply_fn, model_state)
-  return structured.kernel_and_diagonal(structured.plan_or_none(f, params, x), params, x,
-                                        trace_outputs, count)
+  return structured.kernel_and_diagonal(_plan(f, params, x, plan), params, x, trace_outputs, count)
