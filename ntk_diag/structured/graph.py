@@ -8,6 +8,7 @@ is an integer key with its per-example shape (batch axis of size 1).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -46,21 +47,31 @@ class Graph:
   shapes: dict          # key -> per-example shape (batch of 1)
 
 
+def _flat_apply(apply_fn, p_def, x_def, num_p, *leaves):
+  """``apply_fn`` on flat parameter and input leaves, outputs flattened."""
+  out = apply_fn(jax.tree.unflatten(p_def, leaves[:num_p]),
+                 jax.tree.unflatten(x_def, leaves[num_p:]))
+  return jnp.reshape(out, (-1,))
+
+
+# Traced through jit so that JAX's own tracing cache (keyed on `apply_fn` and the
+# shapes) answers a model traced before: the one-call `empirical_ntk` re-plans cheaply.
+_flat_apply_jit = jax.jit(_flat_apply, static_argnums=(0, 1, 2, 3))
+
+
 def trace(apply_fn: Callable, params: PyTree, x: PyTree) -> Graph:
   """Inlined jaxpr of ``apply_fn`` on one example (batch axis of size 1)."""
   p_leaves, p_def = jax.tree.flatten(params)
   x_leaves, x_def = jax.tree.flatten(x)
   num_p = len(p_leaves)
-
-  def flat_fn(*args):
-    out = apply_fn(jax.tree.unflatten(p_def, args[:num_p]),
-                   jax.tree.unflatten(x_def, args[num_p:]))
-    return jnp.reshape(out, (-1,))
-
   specs = [jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in p_leaves]
   specs += [jax.ShapeDtypeStruct((1,) + tuple(np.shape(a)[1:]), jnp.result_type(a))
             for a in x_leaves]
-  closed = jax.make_jaxpr(flat_fn)(*specs)
+  closed = _flat_apply_jit.trace(apply_fn, p_def, x_def, num_p, *specs).jaxpr
+  if len(closed.jaxpr.invars) != len(specs):
+    # `apply_fn` closes over values of an enclosing trace, which jit passes as extra
+    # arguments: trace it directly, so that they are constants of the graph.
+    closed = jax.make_jaxpr(functools.partial(_flat_apply, apply_fn, p_def, x_def, num_p))(*specs)
 
   records, consts, shapes = [], {}, {}
   counter = iter(range(1 << 62))
