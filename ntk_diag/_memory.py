@@ -35,3 +35,16 @@ def default_budget_bytes() -> int:
   if total is None:
     return FALLBACK_BUDGET_BYTES
   return int(total * DEFAULT_MEMORY_FRACTION)
+
+
+def block_size(batch_size: int | None, fitting: int, n: int, budget_bytes: int, what: str) -> int:
+  """The block of examples to use: ``fitting`` (the largest that fits the budget) when
+  ``batch_size`` is None, else ``batch_size`` if its block fits. Refuses before XLA
+  tries (and the OS kills the process): ``what`` names the computation in the error."""
+  if batch_size is None:
+    return fitting
+  if min(batch_size, n) > fitting:
+    raise ValueError(
+        f"`batch_size`={batch_size} exceeds the memory budget of {budget_bytes / 2**30:.2f} GiB"
+        f" for {what}; batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
+  return batch_size

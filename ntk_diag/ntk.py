@@ -234,14 +234,9 @@ class _Chooser:
     joint = fitting is not None and fitting >= max(n1, n2) and (batch_size or n1) >= n1
     if fitting is None:
       fitting = choose_batch_size(method, n1, n2, k, num_params, itemsize, budget)
-    if batch_size is None:
-      batch_size = fitting
-    elif min(batch_size, max(n1, n2)) > fitting:
-      # Refuse before XLA tries (and the OS kills the process).
-      raise ValueError(
-          f"`batch_size`={batch_size} exceeds the memory budget of {budget / 2**30:.2f} GiB for "
-          f"method={method!r} with P={num_params} parameters and k={k} outputs; "
-          f"batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
+    batch_size = _memory.block_size(
+        batch_size, fitting, max(n1, n2), budget,
+        f"method={method!r} with P={num_params} parameters and k={k} outputs")
     if not self._reusable(plan, model_state):
       plan = None  # made again when the kernel is traced
     return _Choice(method, batch_size, out_shape, joint, plan)

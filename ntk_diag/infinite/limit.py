@@ -67,13 +67,8 @@ def kernels(net: _layers.Serial, x1, x2=None, *, batch_size: int | None = None,
   layout = _layers.check_network(net, example_shape)
   budget = memory_budget_bytes or _memory.default_budget_bytes()
   fitting = choose_batch_size(net, example_shape, n1, n2, _compute_dtype(x1).itemsize, budget)
-  if batch_size is None:
-    batch_size = fitting
-  elif min(batch_size, max(n1, n2)) > fitting:
-    raise ValueError(
-        f"`batch_size`={batch_size} exceeds the memory budget of {budget / 2**30:.2f} GiB for"
-        f" this network on inputs of shape {example_shape}; batch_size={fitting} fits (or pass"
-        " a larger memory_budget_bytes).")
+  batch_size = _memory.block_size(batch_size, fitting, max(n1, n2), budget,
+                                  f"this network on inputs of shape {example_shape}")
   return _kernels_jit(net, x1, x2, layout=layout, batch_size=int(batch_size))
 
 
