@@ -164,13 +164,14 @@ def ntk_diagonal_for_jacobian_norms():
   original_kernel, original_jacobian = snapshot_lib._kernel, norms_lib.jacobian_norm_core
   stash = {}
 
-  def kernel(spec, f, params, x, *, trace_outputs):
-    if not spec.compute_norms or trace_outputs != spec.config.ntk_trace_outputs:
-      return original_kernel(spec, f, params, x, trace_outputs=trace_outputs)
+  def kernel(spec, params, x, model_state):
+    if not spec.compute_norms:
+      return original_kernel(spec, params, x, model_state)
     cfg = spec.config
     kernel, stash["grams"] = ntk_lib.empirical_ntk_and_diagonal(
-        f, params, x, num_diagonal=spec.norm_examples, trace_outputs=trace_outputs,
-        method=cfg.ntk_method, batch_size=cfg.ntk_batch_size)
+        spec.model(model_state), params, x, num_diagonal=spec.norm_examples,
+        trace_outputs=cfg.ntk_trace_outputs, method=cfg.ntk_method,
+        batch_size=cfg.ntk_batch_size)
     return kernel
 
   def jacobian(apply_fn, params, x, *args, **kwargs):

@@ -98,3 +98,16 @@ def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: in
   per-example Jacobian norm) and one (sharpness), each parameter-sized."""
   count = norm_examples * k + (norm_examples if jacobian_vectors else 0) + 1
   return count * vector_bytes(theta0) <= budget_bytes
+
+
+def block_size(batch_size: int | None, fitting: int, n: int, budget_bytes: int, what: str) -> int:
+  """The block of examples to use: ``fitting`` (the largest that fits the budget) when
+  ``batch_size`` is None, else ``batch_size`` if its block fits. Refuses before XLA
+  tries (and the OS kills the process): ``what`` names the computation in the error."""
+  if batch_size is None:
+    return fitting
+  if min(batch_size, n) > fitting:
+    raise ValueError(
+        f"`batch_size`={batch_size} exceeds the memory budget of {budget_bytes / 2**30:.2f} GiB"
+        f" for {what}; batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
+  return batch_size

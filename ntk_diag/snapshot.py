@@ -151,6 +151,13 @@ class SnapshotSpec:
     """``f(params, x)`` of the model with ``model_state`` held fixed."""
     return _model.bind_model_state(self.apply_fn, model_state if self.with_model_state else None)
 
+  @functools.cached_property
+  def ntk_fn(self) -> Callable[..., jax.Array]:
+    """The NTK group's kernel function, built once per spec (:func:`ntk_diag.empirical_ntk_fn`)."""
+    cfg = self.config
+    return ntk.empirical_ntk_fn(self.apply_fn, trace_outputs=cfg.ntk_trace_outputs,
+                                method=cfg.ntk_method, batch_size=cfg.ntk_batch_size)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -259,11 +266,8 @@ def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
   return out
 
 
-def _kernel(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree, *,
-            trace_outputs: bool) -> jax.Array:
-  cfg = spec.config
-  return ntk.empirical_ntk(f, params, x, trace_outputs=trace_outputs, method=cfg.ntk_method,
-                           batch_size=cfg.ntk_batch_size)
+def _kernel(spec: SnapshotSpec, params: PyTree, x: PyTree, model_state: PyTree) -> jax.Array:
+  return spec.ntk_fn(params, x, model_state=model_state if spec.with_model_state else None)
 
 
 def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree,
@@ -291,7 +295,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   updates: dict[str, Any] = {"f0": f0, "initialized": jnp.ones((), bool)}
 
   if spec.compute_ntk:
-    kernel = _kernel(spec, f, params, x, trace_outputs=cfg.ntk_trace_outputs)
+    kernel = _kernel(spec, params, x, model_state)
     kernel0 = jnp.where(init & ~state.kernel0_restored, kernel, state.kernel0)
     prev_kernel = jnp.where(init, kernel0, state.prev_kernel)
     prev_step = jnp.where(init, step, state.prev_step)
