@@ -111,3 +111,19 @@ def block_size(batch_size: int | None, fitting: int, n: int, budget_bytes: int, 
         f"`batch_size`={batch_size} exceeds the memory budget of {budget_bytes / 2**30:.2f} GiB"
         f" for {what}; batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
   return batch_size
+
+
+def jacobian_batch_size(method: str, n1: int, n2: int, k: int, num_params: int,
+                        itemsize: int, budget_bytes: int) -> int:
+  """Largest block of examples whose estimated peak memory fits ``budget_bytes``.
+
+  ``"jacobian"`` holds two blocks of per-example Jacobians, ``2·b·k·P`` scalars
+  (also the estimate for ``"structured"`` when its own,
+  :func:`ntk_diag.structured.choose_batch_size`, does not apply); ``"ntk_vp"``
+  holds ``O(P)`` per column and needs no blocking beyond the kernel itself.
+  """
+  n = max(n1, n2)
+  if method == "ntk_vp":
+    return n
+  per_example = 2 * k * num_params * itemsize
+  return int(max(1, min(n, budget_bytes // max(per_example, 1))))

@@ -48,7 +48,7 @@ PyTree = Any
 METHODS = ("auto", "jacobian", "ntk_vp", "structured")
 
 
-def empirical_ntk_fn(apply_fn: Callable, *, trace_outputs: bool = True, method: str = "auto",
+def empirical_ntk_fn(apply_fn: Callable, *, trace_outputs: bool = False, method: str = "auto",
                      batch_size: int | None = None,
                      memory_budget_bytes: int | None = None) -> Callable[..., jax.Array]:
   """The empirical NTK of ``apply_fn`` as a function ``ntk_fn(params, x1, x2=None)``.
@@ -121,7 +121,7 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | N
 
 
 def empirical_ntk_and_diagonal_fn(apply_fn: Callable, *, num_diagonal: int,
-                                  trace_outputs: bool = True, method: str = "auto",
+                                  trace_outputs: bool = False, method: str = "auto",
                                   batch_size: int | None = None,
                                   memory_budget_bytes: int | None = None) -> Callable:
   """:func:`empirical_ntk_fn`'s kernel of one batch together with its diagonal blocks.
@@ -233,7 +233,7 @@ class _Chooser:
                                              budget)
     joint = fitting is not None and fitting >= max(n1, n2) and (batch_size or n1) >= n1
     if fitting is None:
-      fitting = choose_batch_size(method, n1, n2, k, num_params, itemsize, budget)
+      fitting = _memory.jacobian_batch_size(method, n1, n2, k, num_params, itemsize, budget)
     batch_size = _memory.block_size(
         batch_size, fitting, max(n1, n2), budget,
         f"method={method!r} with P={num_params} parameters and k={k} outputs")
@@ -306,22 +306,6 @@ def _forward_flops(apply_fn: Callable, params: PyTree, x: PyTree, num_params: in
   except Exception:  # cost analysis is best effort on every backend
     flops = 0.0
   return max(flops, 2.0 * num_params)
-
-
-def choose_batch_size(method: str, n1: int, n2: int, k: int, num_params: int,
-                      itemsize: int, budget_bytes: int) -> int:
-  """Largest block of examples whose estimated peak memory fits ``budget_bytes``.
-
-  ``"jacobian"`` holds two blocks of per-example Jacobians, ``2·b·k·P`` scalars
-  (also the estimate for ``"structured"`` when its own,
-  :func:`ntk_diag.structured.choose_batch_size`, does not apply); ``"ntk_vp"``
-  holds ``O(P)`` per column and needs no blocking beyond the kernel itself.
-  """
-  n = max(n1, n2)
-  if method == "ntk_vp":
-    return n
-  per_example = 2 * k * num_params * itemsize
-  return int(max(1, min(n, budget_bytes // max(per_example, 1))))
 
 
 class _StaticPlan:

@@ -136,7 +136,7 @@ def test_public_functions_hand_batch_size_to_the_compiled_cores(monkeypatch):
     nd.hessian_norm(apply_fn, PARAMS, x, batch_size=4)
   assert seen == {"jacobian_norm": 5, "hessian_norm": 4}
   # batch_size=None with a budget: "jacobian" holds two blocks of per-example
-  # Jacobians, 2·b·k·P float32 values (ntk.choose_batch_size's estimate).
+  # Jacobians, 2·b·k·P float32 values (_memory.jacobian_batch_size's estimate).
   per_example = 2 * K * NUM_PARAMS * 4
   with pytest.raises(_Stop):
     nd.empirical_ntk(apply_fn, PARAMS, x, method="jacobian",

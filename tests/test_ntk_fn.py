@@ -29,7 +29,7 @@ def _mlp():
 @pytest.mark.parametrize("method", METHODS)
 def test_kernel_fn_matches_dense_reference(method):
   apply_fn, params, x1, x2 = _mlp()
-  traced = nd.empirical_ntk_fn(apply_fn, method=method)  # trace_outputs=True by default
+  traced = nd.empirical_ntk_fn(apply_fn, trace_outputs=True, method=method)
   assert_close_fro(traced(params, x1), dense_ntk(apply_fn, params, x1, trace_outputs=True))
   full = nd.empirical_ntk_fn(apply_fn, trace_outputs=False, method=method, batch_size=2)
   assert_close_fro(full(params, x1, x2), dense_ntk(apply_fn, params, x1, x2))
