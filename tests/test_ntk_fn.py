@@ -45,7 +45,7 @@ def test_kernel_fn_plans_and_traces_once(monkeypatch):
     traces.append(1)
     return apply_fn(p, x)
 
-  ntk_fn = nd.empirical_ntk_fn(counted, method="auto")
+  ntk_fn = nd.empirical_ntk_fn(counted, trace_outputs=True, method="auto")
   ntk_fn(params, x1)
   assert len(plans) == 1
   first_traces = len(traces)
