@@ -128,21 +128,21 @@ def run(name: str, repeats: int = 5) -> dict:
   cfg = snapshot_lib.SnapshotConfig()
   x_norm = probe_x[:NORM_EXAMPLES]
   k = 10
-  solver = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)
+  solver = norms_lib.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)
+  screened = dataclasses.replace(solver, return_vector=True,
+                                 screen_iters=cfg.hessian_screen_iters)
 
   def ntk_fn(p, x):
     return ntk_lib.empirical_ntk(apply_fn, p, x, trace_outputs=True)
 
   def jac_fn(p, x):
-    return norms_lib.jacobian_norm_core(apply_fn, p, x, **solver).value
+    return norms_lib.jacobian_norm_core(apply_fn, p, x, solver).value
 
   def hess_cold_fn(p, x, key):
-    return norms_lib.hessian_norm_core(apply_fn, p, x, key=key, **solver).value
+    return norms_lib.hessian_norm_core(apply_fn, p, x, solver, key=key).value
 
   def hess_screened_fn(p, x, init, values):
-    return norms_lib.hessian_norm_core(apply_fn, p, x, init=init, init_values=values,
-                                       screen_iters=cfg.hessian_screen_iters,
-                                       return_vector=True, **solver)
+    return norms_lib.hessian_norm_core(apply_fn, p, x, screened, init=init, init_values=values)
 
   from ntk_diag import sharpness as sharpness_lib
 

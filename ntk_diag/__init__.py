@@ -1,6 +1,6 @@
 """ntk_diag: is your Flax network training in the lazy (kernel) regime?
 
-Pure math (no TensorFlow): ``empirical_ntk``, ``kernel_stats``,
+Pure math (no TensorFlow): ``empirical_ntk``, ``empirical_ntk_fn``, ``kernel_stats``,
 ``jacobian_norm``, ``hessian_norm``, ``lazy_ratio``, ``linearize``,
 ``kernel_predictor``, ``LinearizedTwin``, ``compare``, ``lazy_radius``,
 ``loss_sharpness``. The training-loop hook (``LazyTrainingHook``) logs
@@ -23,6 +23,7 @@ from ntk_diag.norms import hessian_norm
 from ntk_diag.norms import jacobian_norm
 from ntk_diag.norms import lazy_ratio
 from ntk_diag.ntk import empirical_ntk
+from ntk_diag.ntk import empirical_ntk_fn
 from ntk_diag.predict import kernel_predictor
 from ntk_diag.radius import LazyRadius
 from ntk_diag.radius import lazy_radius
@@ -45,6 +46,7 @@ __all__ = (
     "TwinState",
     "compare",
     "empirical_ntk",
+    "empirical_ntk_fn",
     "from_linen",
     "from_nnx",
     "hessian_norm",

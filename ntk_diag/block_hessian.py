@@ -57,6 +57,8 @@ from jax import lax
 
 from ntk_diag import _model
 from ntk_diag import structured
+from ntk_diag.structured import evaluate as structured_eval
+from ntk_diag.structured import plan as structured_plan
 
 PyTree = Any
 _HIGHEST = lax.Precision.HIGHEST
@@ -95,7 +97,7 @@ class LowRankVectors:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How the parameter leaves are held (static)."""
-  plan: Any             # structured._Plan: groups = structured layers, fallback = dense leaves
+  plan: Any             # structured.Plan: groups = structured layers, fallback = dense leaves
   factored: tuple       # per group: held as factors (else as a block)
   positions: tuple      # per group: S summed over its uses (factors have 2S rows)
   dims: tuple           # per group: (g, c, o), c with the bias row
@@ -103,10 +105,10 @@ class Layout:
 
 def layout_or_none(apply_fn: Callable, params: PyTree, x: PyTree) -> Layout | None:
   """The layout of ``apply_fn``, or None when no Dense layer is worth factoring."""
-  plan = structured._plan_or_none(apply_fn, params, x)
+  plan = structured.plan_or_none(apply_fn, params, x)
   if plan is None:
     return None
-  dims = [structured._group_dims(plan.graph, group) for group in plan.groups]
+  dims = [structured_plan.group_dims(plan.graph, group) for group in plan.groups]
   # Factors 2S·(c + o) per group smaller than the block c·o.
   factored = tuple(all(u.kind == "dot" for u in group.uses) and 2 * s * (c + o) < c * o
                    for group, (_, s, c, o) in zip(plan.groups, dims))
@@ -138,9 +140,9 @@ def vector_size(layout: Layout, params: PyTree) -> int:
 
 def _block(group, leaves: list) -> jax.Array:
   """Canonical ``(g, c, o)`` block (bias as the last row) of a leaf-layout vector."""
-  block = structured._permute(leaves[group.leaf].reshape(-1), group.uses[0].index)
+  block = structured_eval.permute(leaves[group.leaf].reshape(-1), group.uses[0].index)
   if group.bias_leaf is not None:
-    bias = structured._permute(leaves[group.bias_leaf].reshape(-1), group.bias_index)
+    bias = structured_eval.permute(leaves[group.bias_leaf].reshape(-1), group.bias_index)
     block = jnp.concatenate([block, jnp.broadcast_to(bias, block.shape[:1] + (1,) + bias.shape)],
                             axis=1)
   return block
@@ -156,11 +158,11 @@ def to_pytree(layout: Layout, params: PyTree, v: LowRankVectors) -> PyTree:
   for group, factored in zip(layout.plan.groups, layout.factored):
     block = _mm("grc,gro->gco", *next(factors)) if factored else next(blocks)
     index = group.uses[0].index
-    weight = structured._permute(block[:, :index.shape[1], :].reshape(-1),
+    weight = structured_eval.permute(block[:, :index.shape[1], :].reshape(-1),
                                  np.argsort(index.reshape(-1)))
     out[group.leaf] = weight.reshape(leaves[group.leaf].shape).astype(leaves[group.leaf].dtype)
     if group.bias_leaf is not None:
-      bias = structured._permute(block[0, -1, :], np.argsort(group.bias_index))
+      bias = structured_eval.permute(block[0, -1, :], np.argsort(group.bias_index))
       out[group.bias_leaf] = bias.reshape(leaves[group.bias_leaf].shape).astype(
           leaves[group.bias_leaf].dtype)
   return jax.tree.unflatten(treedef, out)
@@ -195,11 +197,11 @@ def linearize(layout: Layout, param_vals: list, x_leaves: list, output: jax.Arra
   dtype = jnp.result_type(*param_vals)
   fb0 = [param_vals[leaf] for leaf in plan.fallback]
   eps0 = [jnp.zeros(graph.shapes[graph.records[r].outs[0]], dtype) for r in plan.perturbed]
-  beta0 = [jnp.zeros((g, structured._use_positions(graph, u), c), dtype)
+  beta0 = [jnp.zeros((g, structured_eval.use_positions(graph, u), c), dtype)
            for group, (g, c, _) in zip(plan.groups, layout.dims) for u in group.uses]
 
   def objective(fb, eps, beta):
-    out, inputs = structured._forward(plan, param_vals, fb, eps, x_leaves, conv_by_patches=True)
+    out, inputs = structured_eval.forward(plan, param_vals, fb, eps, x_leaves, conv_by_patches=True)
     flat = [a.astype(dtype) for group_inputs in inputs for a in group_inputs]
     coupling = sum(jnp.vdot(a - lax.stop_gradient(a), b) for a, b in zip(flat, beta))
     return out[output].astype(dtype) + coupling, flat
@@ -224,7 +226,7 @@ def _per_group(plan, flat_inputs: list, eps_values: list):
   for group in plan.groups:
     inputs.append(flat_inputs[i:i + len(group.uses)])
     i += len(group.uses)
-    cotangents.append([structured._layer_cotangent(plan, u, eps_of[u.rec][None])[0]
+    cotangents.append([structured_eval.layer_cotangent(plan, u, eps_of[u.rec][None])[0]
                        for u in group.uses])
   return inputs, cotangents
 
@@ -264,7 +266,7 @@ def hvp(layout: Layout, problem: _Problem, v: Any) -> LowRankVectors:
   plan = layout.plan
   dense, forward, backward = _injections(layout, problem, v)
   uses = [u for group in plan.groups for u in group.uses]
-  eps_dot = {u.rec: structured._layer_output(plan, u, y) for u, y in zip(uses, forward)}
+  eps_dot = {u.rec: structured_eval.layer_output(plan, u, y) for u, y in zip(uses, forward)}
   g_fb, g_eps, flat = problem.linear(dense, [eps_dot[r] for r in plan.perturbed], backward)
   inputs_dot, cotangents_dot = _per_group(plan, flat, g_eps)
   blocks, left, right = [], [], []

@@ -1,4 +1,4 @@
-"""Empirical neural tangent kernel.
+"""Empirical neural tangent kernel: the method dispatcher.
 
 ``K[i, j, a, b] = J_{x1_i}[a] · J_{x2_j}[b]`` where ``J_x`` is the ``k × P``
 Jacobian of the outputs at example ``x`` w.r.t. the flattened parameters.
@@ -20,34 +20,85 @@ Methods (all exact up to float rounding; they differ in cost and memory):
 ``batch_size`` computes the kernel in ``batch_size × batch_size`` blocks of
 examples; ``None`` picks a block size that keeps the estimated peak memory
 within a budget (a quarter of device memory by default).
+
+:func:`empirical_ntk_fn` makes these choices once per input shapes and returns
+the kernel function; :func:`empirical_ntk` is a one-call wrapper. The kernels
+themselves are in :mod:`ntk_diag._jacobians` and :mod:`ntk_diag.structured`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from ntk_diag import _jacobians
 from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _tree
 from ntk_diag import _validation
+from ntk_diag import structured
 
 PyTree = Any
 
 METHODS = ("auto", "jacobian", "ntk_vp", "structured")
-_HIGHEST = lax.Precision.HIGHEST
+
+
+def empirical_ntk_fn(apply_fn: Callable, *, trace_outputs: bool = False, method: str = "auto",
+                     batch_size: int | None = None,
+                     memory_budget_bytes: int | None = None) -> Callable[..., jax.Array]:
+  """The empirical NTK of ``apply_fn`` as a function ``ntk_fn(params, x1, x2=None)``.
+
+  In the manner of neural-tangents' ``empirical_ntk_fn`` (whose ``trace_axes``
+  default also traces the outputs): every choice that depends only on
+  ``apply_fn`` and the input shapes — the method for ``"auto"``, the block size
+  for ``batch_size=None``, the structured plan — is made on the first call with
+  given shapes (parameter shapes, per-example input shape, ``n1``, ``n2``) and
+  reused by later calls with the same shapes; the kernel itself runs compiled
+  (``jax.jit``, one compilation per shapes). With a ``model_state`` (whose
+  values change between calls) the plan is made when the kernel is compiled.
+  ``ntk_fn`` may also be called inside ``jax.jit``.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (n, *out)``; ``k = prod(out)``; with a
+      model state, ``apply_fn(params, x, model_state)``.
+    trace_outputs: return ``sum_a K[:, :, a, a]`` of shape ``(n1, n2)``.
+    method: ``"auto"``, ``"jacobian"``, ``"ntk_vp"`` or ``"structured"``.
+    batch_size: examples per block; bounds peak memory, same result.
+    memory_budget_bytes: peak-memory budget used when ``batch_size`` is None.
+
+  Returns:
+    ``ntk_fn(params, x1, x2=None, model_state=None)``: ``x2=None`` means ``x1``;
+    ``model_state`` (when given) is passed to ``apply_fn`` as its third
+    argument and held fixed. It returns ``(n1, n2, k, k)``, or ``(n1, n2)`` if
+    ``trace_outputs`` or the model output has shape ``(n,)``.
+  """
+  choose = _Chooser(apply_fn, trace_outputs, method, batch_size, memory_budget_bytes)
+
+  def ntk_fn(params: PyTree, x1: PyTree, x2: PyTree | None = None,
+             model_state: PyTree = None) -> jax.Array:
+    n1 = _validation.leading_size("x1", x1)
+    n2 = n1
+    if x2 is not None:
+      n2 = _validation.leading_size("x2", x2)
+      _validation.check_same_features("x1", x1, "x2", x2)
+    return _kernel(choose, choose(params, x1, n1, n2, model_state), params, x1, x2, model_state)
+
+  return ntk_fn
 
 
 def empirical_ntk(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | None = None, *,
                   trace_outputs: bool = False, method: str = "auto",
                   batch_size: int | None = None,
                   memory_budget_bytes: int | None = None) -> jax.Array:
-  """Empirical NTK of ``apply_fn`` at ``params``.
+  """Empirical NTK of ``apply_fn`` at ``params``: ``empirical_ntk_fn(apply_fn, ...)(params, x1, x2)``.
+
+  Each call makes the choices of :func:`empirical_ntk_fn` anew (the compiled
+  kernel is reused); to evaluate a kernel repeatedly, build the function once.
 
   Args:
     apply_fn: ``apply_fn(params, x) -> (n, *out)``; ``k = prod(out)``.
@@ -64,44 +115,42 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: PyTree, x2: PyTree | N
     ``(n1, n2, k, k)``, or ``(n1, n2)`` if ``trace_outputs`` or the model output
     has shape ``(n,)``.
   """
-  _validation.check_callable("apply_fn", apply_fn)
-  _validation.check_one_of("method", method, METHODS)
-  _validation.check_positive_int("batch_size", batch_size, optional=True)
-  _validation.check_positive_int("memory_budget_bytes", memory_budget_bytes, optional=True)
-  if not isinstance(trace_outputs, (bool, np.bool_)):
-    raise TypeError(f"`trace_outputs` must be a bool; got {trace_outputs!r}.")
-  n1 = _validation.leading_size("x1", x1)
-  n2 = n1
-  if x2 is not None:
-    n2 = _validation.leading_size("x2", x2)
-    _validation.check_same_features("x1", x1, "x2", x2)
-  out_shape = _model.example_output_shape(apply_fn, params, x1)
-  k = _model.num_outputs(out_shape)
-  num_params = _tree.tree_size(params)
-  if method == "auto":
-    method = choose_method(apply_fn, params, x1, n1, n2, k, num_params, bool(trace_outputs))
-  budget = memory_budget_bytes or _memory.default_budget_bytes()
-  itemsize = jnp.dtype(_model.param_dtype(params)).itemsize
-  fitting = None
-  if method == "structured":
-    from ntk_diag import structured  # local: structured imports this module
-    fitting = structured.choose_batch_size(apply_fn, params, x1, n1, n2, k,
-                                           bool(trace_outputs), itemsize, budget)
-  if fitting is None:
-    fitting = choose_batch_size(method, n1, n2, k, num_params, itemsize, budget)
-  if batch_size is None:
-    batch_size = fitting
-  elif min(batch_size, max(n1, n2)) > fitting:
-    # Refuse before XLA tries (and the OS kills the process).
-    raise ValueError(
-        f"`batch_size`={batch_size} exceeds the memory budget of {budget / 2**30:.2f} GiB for "
-        f"method={method!r} with P={num_params} parameters and k={k} outputs; "
-        f"batch_size={fitting} fits (or pass a larger memory_budget_bytes).")
-  kernel = _ntk_jit(apply_fn, params, x1, x2, trace_outputs=bool(trace_outputs),
-                    method=method, batch_size=batch_size)
-  if out_shape == () and not trace_outputs:
-    kernel = kernel[:, :, 0, 0]
-  return kernel
+  ntk_fn = empirical_ntk_fn(apply_fn, trace_outputs=trace_outputs, method=method,
+                            batch_size=batch_size, memory_budget_bytes=memory_budget_bytes)
+  return ntk_fn(params, x1, x2)
+
+
+def empirical_ntk_and_diagonal_fn(apply_fn: Callable, *, num_diagonal: int,
+                                  trace_outputs: bool = False, method: str = "auto",
+                                  batch_size: int | None = None,
+                                  memory_budget_bytes: int | None = None) -> Callable:
+  """:func:`empirical_ntk_fn`'s kernel of one batch together with its diagonal blocks.
+
+  Returns ``fn(params, x, model_state=None) -> (kernel, diagonal)``: the kernel
+  of ``x`` with itself and the Gram blocks ``J_{x_i} J_{x_i}ᵀ`` (``(m, k, k)``,
+  the full diagonal blocks ``K[i, i]``) of its first ``m = min(num_diagonal,
+  n)`` examples. With the structured method in one block (the default when it
+  applies and fits) both come from the same per-example layer inputs and
+  cotangents; otherwise the blocks are computed apart, as :func:`example_gram`
+  does. Choices are made once per input shapes, as in :func:`empirical_ntk_fn`.
+  """
+  choose = _Chooser(apply_fn, trace_outputs, method, batch_size, memory_budget_bytes)
+
+  def fn(params: PyTree, x: PyTree, model_state: PyTree = None) -> tuple[jax.Array, jax.Array]:
+    n = _validation.leading_size("x", x)
+    count = min(num_diagonal, n)
+    choice = choose(params, x, n, n, model_state)
+    if choice.joint:
+      kernel, diagonal = _structured_joint(apply_fn, params, x, model_state,
+                                           trace_outputs=choose.trace_outputs, count=count,
+                                           plan=_StaticPlan.of(choice.plan))
+      return _squeeze_scalar_output(kernel, choice.out_shape, choose.trace_outputs), diagonal
+    f = _model.bind_model_state(apply_fn, model_state)
+    diagonal = jax.vmap(lambda xi: example_gram(f, params, xi))(
+        _model.take(x, jnp.arange(count)))
+    return _kernel(choose, choice, params, x, None, model_state), diagonal
+
+  return fn
 
 
 def empirical_ntk_and_diagonal(apply_fn: Callable, params: PyTree, x: PyTree, *,
@@ -109,59 +158,135 @@ def empirical_ntk_and_diagonal(apply_fn: Callable, params: PyTree, x: PyTree, *,
                                method: str = "auto", batch_size: int | None = None,
                                memory_budget_bytes: int | None = None
                                ) -> tuple[jax.Array, jax.Array]:
-  """``empirical_ntk(apply_fn, params, x, ...)`` and the Gram blocks ``J_{x_i} J_{x_i}ᵀ``
-  (``(num_diagonal, k, k)``, the full diagonal blocks ``K[i, i]``) of the first
-  ``num_diagonal`` examples.
+  """``empirical_ntk(apply_fn, params, x, ...)`` and the ``(num_diagonal, k, k)``
+  blocks ``K[i, i]``: one call of :func:`empirical_ntk_and_diagonal_fn`.
+  Traceable: for callers such as the snapshot, which need the kernel of every
+  probe point and per-example Jacobian norms."""
+  fn = empirical_ntk_and_diagonal_fn(apply_fn, num_diagonal=num_diagonal,
+                                     trace_outputs=trace_outputs, method=method,
+                                     batch_size=batch_size,
+                                     memory_budget_bytes=memory_budget_bytes)
+  return fn(params, x)
 
-  With the structured method in one block (the default when it applies and
-  fits) both come from the same per-example layer inputs and cotangents;
-  otherwise the blocks are computed apart, as :func:`example_gram` does.
-  Traceable (no validation): for callers such as the hook's snapshot, which
-  needs the kernel of every probe point and per-example Jacobian norms.
+
+def example_gram(apply_fn: Callable, params: PyTree, xi: PyTree) -> jax.Array:
+  """``J_x J_xᵀ`` at one example ``xi`` (no batch axis), shape ``(k, k)``.
+
+  The diagonal block ``K[i, i]`` of the NTK, computed with the structured rules
+  where they apply (no Jacobian is formed for Dense/Conv layers) and by
+  Jacobian contraction otherwise.
   """
-  n = _validation.leading_size("x", x)
-  out_shape = _model.example_output_shape(apply_fn, params, x)
-  k = _model.num_outputs(out_shape)
-  num_diagonal = min(num_diagonal, n)
-  if method in ("auto", "structured") and (batch_size or n) >= n:
-    from ntk_diag import structured  # local: structured imports this module
+  xb = jax.tree.map(lambda a: a[None], xi)
+  plan = structured.plan_or_none(apply_fn, params, xb)
+  return structured.kernel_block_fn(plan, apply_fn, params, False)(xb, xb)[0, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+  """What :class:`_Chooser` decided for one set of input shapes."""
+  method: str             # "jacobian", "ntk_vp" or "structured"
+  batch_size: int         # examples per block
+  out_shape: tuple        # per-example output shape
+  joint: bool             # structured in one block: kernel and diagonal from one pass
+  plan: Any = None        # the structured plan when it holds no tracers (else made per trace)
+
+
+class _Chooser:
+  """Validates the options of a kernel function, then chooses the method and block
+  size once per input shapes (kept in ``self._choices``, this function's own)."""
+
+  def __init__(self, apply_fn, trace_outputs, method, batch_size, memory_budget_bytes):
+    _validation.check_callable("apply_fn", apply_fn)
+    _validation.check_one_of("method", method, METHODS)
+    _validation.check_positive_int("batch_size", batch_size, optional=True)
+    _validation.check_positive_int("memory_budget_bytes", memory_budget_bytes, optional=True)
+    if not isinstance(trace_outputs, (bool, np.bool_)):
+      raise TypeError(f"`trace_outputs` must be a bool; got {trace_outputs!r}.")
+    self.apply_fn = apply_fn
+    self.trace_outputs = bool(trace_outputs)
+    self.method = method
+    self.batch_size = batch_size
+    self.memory_budget_bytes = memory_budget_bytes
+    self._choices = {}
+
+  def __call__(self, params, x1, n1, n2, model_state) -> _Choice:
+    key = (_shapes(params, 0), _shapes(x1, 1), _shapes(model_state, 0), n1, n2)
+    if key not in self._choices:
+      f = _model.bind_model_state(self.apply_fn, model_state)
+      self._choices[key] = self._choose(f, params, x1, n1, n2, model_state)
+    return self._choices[key]
+
+  def _choose(self, f, params, x1, n1, n2, model_state) -> _Choice:
+    out_shape = _model.example_output_shape(f, params, x1)
+    k = _model.num_outputs(out_shape)
+    num_params = _tree.tree_size(params)
+    method, batch_size = self.method, self.batch_size
+    plan = structured.plan_or_none(f, params, x1) if method in ("auto", "structured") else None
+    if method == "auto":
+      method = "structured" if plan is not None else _cheaper_generic(
+          f, params, x1, n1, n2, k, num_params, self.trace_outputs)
+    budget = self.memory_budget_bytes or _memory.default_budget_bytes()
     itemsize = jnp.dtype(_model.param_dtype(params)).itemsize
-    budget = memory_budget_bytes or _memory.default_budget_bytes()
-    fitting = structured.choose_batch_size(apply_fn, params, x, n, n, k, bool(trace_outputs),
-                                           itemsize, budget)
-    structured_wanted = method == "structured" or choose_method(
-        apply_fn, params, x, n, n, k, _tree.tree_size(params), bool(trace_outputs)) == "structured"
-    if fitting is not None and fitting >= n and structured_wanted:
-      kernel, diagonal = _structured_joint(apply_fn, params, x, trace_outputs=bool(trace_outputs),
-                                           count=num_diagonal)
-      if out_shape == () and not trace_outputs:
-        kernel = kernel[:, :, 0, 0]
-      return kernel, diagonal
-  kernel = empirical_ntk(apply_fn, params, x, trace_outputs=trace_outputs, method=method,
-                         batch_size=batch_size, memory_budget_bytes=memory_budget_bytes)
-  diagonal = jax.vmap(lambda xi: example_gram(apply_fn, params, xi))(
-      _model.take(x, jnp.arange(num_diagonal)))
-  return kernel, diagonal
+    fitting = None
+    if method == "structured" and plan is not None:
+      fitting = structured.choose_batch_size(plan, n1, n2, k, self.trace_outputs, itemsize,
+                                             budget)
+    joint = fitting is not None and fitting >= max(n1, n2) and (batch_size or n1) >= n1
+    if fitting is None:
+      fitting = _memory.jacobian_batch_size(method, n1, n2, k, num_params, itemsize, budget)
+    batch_size = _memory.block_size(
+        batch_size, fitting, max(n1, n2), budget,
+        f"method={method!r} with P={num_params} parameters and k={k} outputs")
+    if not self._reusable(plan, model_state):
+      plan = None  # made again when the kernel is traced
+    return _Choice(method, batch_size, out_shape, joint, plan)
+
+  @staticmethod
+  def _reusable(plan, model_state) -> bool:
+    """Whether ``plan`` may serve later calls: its constants are neither a model state
+    (which changes between calls) nor values of an enclosing trace."""
+    return plan is not None and model_state is None and not any(
+        isinstance(c, jax.core.Tracer) for c in plan.graph.consts.values())
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "trace_outputs", "count"))
-def _structured_joint(apply_fn, params, x, *, trace_outputs, count):
-  from ntk_diag import structured
-  return structured.kernel_and_diagonal(apply_fn, params, x, trace_outputs, count)
+def _kernel(choose: _Chooser, choice: _Choice, params, x1, x2, model_state) -> jax.Array:
+  kernel = _ntk_jit(choose.apply_fn, params, x1, x2, model_state,
+                    trace_outputs=choose.trace_outputs, method=choice.method,
+                    batch_size=choice.batch_size, plan=_StaticPlan.of(choice.plan))
+  return _squeeze_scalar_output(kernel, choice.out_shape, choose.trace_outputs)
+
+
+def _shapes(tree: PyTree, batch_axes: int):
+  """Hashable structure, shapes (less ``batch_axes`` leading axes) and dtypes of a pytree."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(np.shape(a)[batch_axes:]), str(jnp.result_type(a)))
+                        for a in leaves)
+
+
+def _squeeze_scalar_output(kernel: jax.Array, out_shape: tuple, trace_outputs: bool) -> jax.Array:
+  """``(n1, n2, 1, 1) -> (n1, n2)`` for a model whose output has shape ``(n,)``."""
+  if out_shape == () and not trace_outputs:
+    return kernel[:, :, 0, 0]
+  return kernel
 
 
 def choose_method(apply_fn: Callable, params: PyTree, x: PyTree, n1: int, n2: int, k: int,
                   num_params: int, trace_outputs: bool) -> str:
-  """Cheapest exact method by a FLOP estimate.
+  """Cheapest exact method: ``"structured"`` where its rules apply, else
+  :func:`_cheaper_generic`."""
+  if structured.applies(apply_fn, params, x):
+    return "structured"
+  return _cheaper_generic(apply_fn, params, x, n1, n2, k, num_params, trace_outputs)
+
+
+def _cheaper_generic(apply_fn: Callable, params: PyTree, x: PyTree, n1: int, n2: int, k: int,
+                     num_params: int, trace_outputs: bool) -> str:
+  """``"jacobian"`` or ``"ntk_vp"``, the cheaper by a FLOP estimate.
 
   With ``F`` the forward FLOPs of one example, a backward pass costs ``~3F``:
   ``jacobian ≈ 3F·(n1+n2)·k + 2·n1·n2·k^c·P`` (``c = 1`` traced, ``2`` full) and
   ``ntk_vp ≈ 3F·n2·k·(1 + n1)``.
   """
-  from ntk_diag import structured  # local: structured imports this module
-
-  if structured.applies(apply_fn, params, x):
-    return "structured"
   flops = _forward_flops(apply_fn, params, x, num_params)
   contraction = 2.0 * n1 * n2 * (k if trace_outputs else k * k) * num_params
   jacobian_cost = 3.0 * flops * (n1 + n2) * k + contraction
@@ -183,113 +308,51 @@ def _forward_flops(apply_fn: Callable, params: PyTree, x: PyTree, num_params: in
   return max(flops, 2.0 * num_params)
 
 
-def choose_batch_size(method: str, n1: int, n2: int, k: int, num_params: int,
-                      itemsize: int, budget_bytes: int) -> int:
-  """Largest block of examples whose estimated peak memory fits ``budget_bytes``.
+class _StaticPlan:
+  """A structured plan as a static ``jax.jit`` argument. All compare equal: the plan
+  is determined by what jit's cache key already holds (``apply_fn``, the shapes and
+  dtypes of the arguments), so kernel functions built anew for the same model reuse
+  one compilation, and a compilation uses the plan it was handed."""
 
-  ``"jacobian"`` holds two blocks of per-example Jacobians, ``2·b·k·P`` scalars
-  (also the estimate for ``"structured"`` when its own,
-  :func:`ntk_diag.structured.choose_batch_size`, does not apply); ``"ntk_vp"``
-  holds ``O(P)`` per column and needs no blocking beyond the kernel itself.
-  """
-  n = max(n1, n2)
-  if method == "ntk_vp":
-    return n
-  per_example = 2 * k * num_params * itemsize
-  return int(max(1, min(n, budget_bytes // max(per_example, 1))))
+  def __init__(self, plan):
+    self.plan = plan
+
+  @classmethod
+  def of(cls, plan) -> _StaticPlan | None:
+    return None if plan is None else cls(plan)
+
+  def __eq__(self, other):
+    return isinstance(other, _StaticPlan)
+
+  def __hash__(self):
+    return hash(_StaticPlan)
+
+
+def _plan(f, params, x, plan: _StaticPlan | None):
+  """The handed plan, or (``None``) the plan made now, at trace time."""
+  return plan.plan if plan is not None else structured.plan_or_none(f, params, x)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "trace_outputs", "method", "batch_size"))
-def _ntk_jit(apply_fn, params, x1, x2, *, trace_outputs, method, batch_size):
+    "apply_fn", "trace_outputs", "method", "batch_size", "plan"))
+def _ntk_jit(apply_fn, params, x1, x2, model_state=None, *, trace_outputs, method, batch_size,
+             plan=None):
   """``x2=None`` means ``x1``; per-example Jacobians are then computed once."""
   symmetric = x2 is None
   x2 = x1 if symmetric else x2
+  f = _model.bind_model_state(apply_fn, model_state)
   if method == "structured":
-    from ntk_diag import structured
-    block_fn = structured.kernel_block_fn(apply_fn, params, trace_outputs)
+    block_fn = structured.kernel_block_fn(_plan(f, params, x1, plan), f, params, trace_outputs)
   else:
-    block_fn = {"jacobian": _jacobian_block, "ntk_vp": _ntk_vp_block}[method]
-    block_fn = functools.partial(block_fn, apply_fn, params, trace_outputs=trace_outputs)
+    block_fn = {"jacobian": _jacobians.jacobian_block, "ntk_vp": _jacobians.ntk_vp_block}[method]
+    block_fn = functools.partial(block_fn, f, params, trace_outputs=trace_outputs)
   n1 = jax.tree.leaves(x1)[0].shape[0]
   n2 = jax.tree.leaves(x2)[0].shape[0]
-  return blockwise(block_fn, x1, x2, n1, n2, batch_size,
-                   share=symmetric and method in ("jacobian", "structured"))
+  return _jacobians.blockwise(block_fn, x1, x2, n1, n2, batch_size,
+                              share=symmetric and method in ("jacobian", "structured"))
 
 
-def blockwise(block_fn: Callable, x1: PyTree, x2: PyTree, n1: int, n2: int, block: int,
-              share: bool = False) -> jax.Array:
-  """Assemble ``block_fn(x1_block, x2_block)`` over ``block × block`` tiles.
-
-  ``block_fn`` maps batches of ``b1`` and ``b2`` examples to an array whose
-  first two axes are ``(b1, b2)``. Tiles are computed sequentially
-  (``lax.map``), so peak memory is that of one tile.
-  """
-  if block >= n1 and block >= n2:
-    return block_fn(x1, x2)
-  b1, b2 = min(block, n1), min(block, n2)
-  tiles1 = _model.pad_to_blocks(x1, n1, b1)
-  tiles2 = tiles1 if (share and b1 == b2) else _model.pad_to_blocks(x2, n2, b2)
-  rows = lax.map(lambda t1: lax.map(lambda t2: block_fn(t1, t2), tiles2), tiles1)
-  # (nb1, nb2, b1, b2, ...) -> (nb1*b1, nb2*b2, ...)
-  rows = jnp.swapaxes(rows, 1, 2)
-  shape = rows.shape
-  rows = rows.reshape((shape[0] * shape[1], shape[2] * shape[3]) + shape[4:])
-  return rows[:n1, :n2]
-
-
-def per_example_jacobians(apply_fn: Callable, params: PyTree, x: PyTree) -> PyTree:
-  """Jacobians ``d f(x_i) / d params``, leaves of shape ``(n, k, *leaf.shape)``."""
-  f = _model.per_example(apply_fn)
-  return jax.vmap(jax.jacrev(f), in_axes=(None, 0))(params, x)
-
-
-def example_gram(apply_fn: Callable, params: PyTree, xi: PyTree) -> jax.Array:
-  """``J_x J_xᵀ`` at one example ``xi`` (no batch axis), shape ``(k, k)``.
-
-  The diagonal block ``K[i, i]`` of the NTK, computed with the structured rules
-  where they apply (no Jacobian is formed for Dense/Conv layers) and by
-  Jacobian contraction otherwise.
-  """
-  from ntk_diag import structured  # local: structured imports this module
-  xb = jax.tree.map(lambda a: a[None], xi)
-  return structured.kernel_block_fn(apply_fn, params, False)(xb, xb)[0, 0]
-
-
-def contract_jacobians(jac1: PyTree, jac2: PyTree, trace_outputs: bool) -> jax.Array:
-  """``sum_p J1[i, a, p] J2[j, b, p]`` over all leaves -> ``(n1, n2, k, k)`` or ``(n1, n2)``."""
-  spec = "iap,jap->ij" if trace_outputs else "iap,jbp->ijab"
-
-  def leaf(j1, j2):
-    j1 = j1.reshape(j1.shape[0], j1.shape[1], -1)
-    j2 = j2.reshape(j2.shape[0], j2.shape[1], -1)
-    return jnp.einsum(spec, j1, j2, precision=_HIGHEST)
-
-  return sum(jax.tree.leaves(jax.tree.map(leaf, jac1, jac2)))
-
-
-def _jacobian_block(apply_fn, params, x1, x2, *, trace_outputs):
-  jac1 = per_example_jacobians(apply_fn, params, x1)
-  jac2 = jac1 if x2 is x1 else per_example_jacobians(apply_fn, params, x2)
-  return contract_jacobians(jac1, jac2, trace_outputs)
-
-
-def _ntk_vp_block(apply_fn, params, x1, x2, *, trace_outputs):
-  """Columns ``K[:, j, :, b] = J_{x1} (J_{x2_j}[b])ᵀ`` by a VJP then a JVP."""
-  f = _model.per_example(apply_fn)
-  f_batch = _model.batched(apply_fn)
-  k = jax.eval_shape(f, params, jax.tree.map(lambda a: a[0], x2)).shape[0]
-  eye = jnp.eye(k, dtype=_model.param_dtype(params))
-
-  def column(xj, b):
-    _, vjp = jax.vjp(lambda p: f(p, xj), params)
-    (tangent,) = vjp(eye[b])
-    _, col = jax.jvp(lambda p: f_batch(p, x1), (params,), (tangent,))
-    return col[:, b] if trace_outputs else col  # (n1,) or (n1, k)
-
-  def per_example_columns(xj):
-    cols = jax.vmap(lambda b: column(xj, b))(jnp.arange(k))  # (k, n1[, k])
-    return cols.sum(0) if trace_outputs else jnp.moveaxis(cols, 0, -1)  # (n1[, k, k])
-
-  cols = lax.map(per_example_columns, x2)  # (n2, n1[, k, k])
-  return jnp.swapaxes(cols, 0, 1)
+@functools.partial(jax.jit, static_argnames=("apply_fn", "trace_outputs", "count", "plan"))
+def _structured_joint(apply_fn, params, x, model_state=None, *, trace_outputs, count, plan=None):
+  f = _model.bind_model_state(apply_fn, model_state)
+  return structured.kernel_and_diagonal(_plan(f, params, x, plan), params, x, trace_outputs, count)

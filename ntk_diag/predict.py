@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
-import numpy as np
 from jax import lax
 
 from ntk_diag import _layout
-from ntk_diag import _placement
+from ntk_diag import _predictor_inputs as predictor_inputs
 from ntk_diag import _validation
 from ntk_diag import losses
 
@@ -138,15 +136,14 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
                            loss=loss, rtol=rtol, atol=atol, max_steps=max_steps)
   kernel = jnp.asarray(k_train_train)
   y = jnp.asarray(y_train)
-  full = _check_train_shapes(kernel.shape, y.shape)
+  full = predictor_inputs.check_train_shapes(kernel.shape, y.shape)
   dtype = jnp.promote_types(jnp.result_type(kernel, y), jnp.float32)
-  n = kernel.shape[0]
   out_shape = tuple(y.shape[1:])
   num_cols = 1 if full else math.prod(out_shape)
 
   matrix = _layout.kernel_to_matrix(kernel.astype(dtype))
   size = matrix.shape[0]
-  spectrum = _check_spectrum(matrix, float(ridge), dtype)
+  spectrum = predictor_inputs.check_spectrum(matrix, float(ridge), dtype)
   matrix = 0.5 * (matrix + matrix.T) + ridge * jnp.eye(size, dtype=dtype)
   y = y.astype(dtype)
   cache = {}
@@ -162,27 +159,20 @@ def kernel_predictor(k_train_train: jax.Array, y_train: jax.Array, *,
 
   def predict(t: float | jax.Array | None = None, f0_train: Any = 0.0,
               f0_test: Any = 0.0, k_test_train: jax.Array | None = None) -> jax.Array:
-    t = _check_time(t)
-    f0_tr = _outputs("f0_train", f0_train, y.shape, dtype)
+    t = predictor_inputs.check_time(t)
+    f0_tr = predictor_inputs.outputs("f0_train", f0_train, y.shape, dtype)
     residual = (y - f0_tr).reshape(size, num_cols)
-    if k_test_train is None:
-      if np.ndim(f0_test) != 0:
-        raise ValueError(
-            "`f0_test` was given but `k_test_train` is None: pass the test-train"
-            " kernel to get test predictions.")
-    else:
-      kx = _test_matrix(k_test_train, kernel.shape, dtype)
-      m = kx.shape[0] // (size // n)
-      f0_te = _outputs("f0_test", f0_test, (m,) + out_shape, dtype)
+    kx, f0_te = predictor_inputs.test_inputs(k_test_train, f0_test, kernel.shape, out_shape,
+                                             dtype)
 
     if t is None:
       if spectrum is not None and spectrum["singular"]:
-        raise ValueError(_singular_message(spectrum, float(ridge)))
+        raise ValueError(predictor_inputs.singular_message(spectrum, float(ridge)))
       if k_test_train is None:
         return f0_tr + residual.reshape(y.shape)
       chol, _ = factor("cholesky", _cholesky)
       if spectrum is not None and not bool(jnp.all(jnp.isfinite(chol))):
-        raise ValueError(_singular_message(spectrum, float(ridge)))
+        raise ValueError(predictor_inputs.singular_message(spectrum, float(ridge)))
       return f0_te + _solve_test(chol, residual, kx).reshape(f0_te.shape)
     evals, evecs = factor("eigh", _eigh)
     eta_t = jnp.asarray(learning_rate * t, dtype)
@@ -204,7 +194,7 @@ def _flow_predictor(k_train_train, y_train, *, learning_rate, ridge, loss, rtol,
   targets = losses.prepare_targets(loss, y, (n,) + out_shape)
   dtype = jnp.promote_types(kernel.dtype, jnp.float32)
   matrix = _layout.kernel_to_matrix(kernel.astype(dtype))
-  spectrum = _check_spectrum(matrix, float(ridge), dtype)
+  spectrum = predictor_inputs.check_spectrum(matrix, float(ridge), dtype)
   matrix = 0.5 * (matrix + matrix.T) + ridge * jnp.eye(matrix.shape[0], dtype=dtype)
   if jnp.issubdtype(targets.dtype, jnp.floating):
     targets = targets.astype(dtype)
@@ -213,28 +203,22 @@ def _flow_predictor(k_train_train, y_train, *, learning_rate, ridge, loss, rtol,
 
   def predict(t: float | jax.Array, f0_train: Any = 0.0, f0_test: Any = 0.0,
               k_test_train: jax.Array | None = None) -> jax.Array:
-    if _check_time(t) is None:
+    if predictor_inputs.check_time(t) is None:
       raise ValueError(
-          f"`t` must be finite for loss={_loss_name(loss)}: its kernel gradient flow has no"
-          " closed-form t = ∞ limit (cross-entropy logits grow without bound on separable"
-          " data); pass the training time, e.g. the number of steps.")
-    f0_tr = _outputs("f0_train", f0_train, (n,) + out_shape, dtype)
-    kx, f0_te = None, None
-    if k_test_train is None:
-      if np.ndim(f0_test) != 0:
-        raise ValueError(
-            "`f0_test` was given but `k_test_train` is None: pass the test-train"
-            " kernel to get test predictions.")
-    else:
-      kx = _test_matrix(k_test_train, kernel.shape, dtype)
-      m = k_test_train.shape[0]
-      f0_te = _outputs("f0_test", f0_test, (m,) + out_shape, dtype)
+          f"`t` must be finite for loss={predictor_inputs.loss_name(loss)}: its kernel"
+          " gradient flow has no closed-form t = ∞ limit (cross-entropy logits grow"
+          " without bound on separable data); pass the training time, e.g. the number"
+          " of steps.")
+    f0_tr = predictor_inputs.outputs("f0_train", f0_train, (n,) + out_shape, dtype)
+    kx, f0_te = predictor_inputs.test_inputs(k_test_train, f0_test, kernel.shape, out_shape,
+                                             dtype)
     span = jnp.asarray(learning_rate * t, dtype)
     f_train, f_test, ok = _solve_flow(matrix, kx, targets, f0_tr, f0_te, span, **options)
-    if spectrum is not None and not _concrete_bool(ok, default=True):
+    if spectrum is not None and not predictor_inputs.concrete_bool(ok, default=True):
       raise ValueError(
-          f"The ODE solver of the kernel gradient flow (loss={_loss_name(loss)}) used up"
-          f" max_steps={max_steps} before t = {t}: the flow is stiff over this span"
+          "The ODE solver of the kernel gradient flow"
+          f" (loss={predictor_inputs.loss_name(loss)}) used up max_steps={max_steps}"
+          f" before t = {t}: the flow is stiff over this span"
           f" (η·t·λ_max = {float(span) * spectrum['lam_max']:.3g}). Pass a larger"
           " `max_steps` to kernel_predictor, or looser rtol/atol.")
     return f_train if k_test_train is None else f_test
@@ -302,21 +286,9 @@ def _flow_output_shape(k_shape: tuple[int, ...], y: jax.Array, loss: Any) -> tup
   if len(k_shape) == 2 and math.prod(y.shape[1:]) != 1:
     raise ValueError(
         f"A 2-D `k_train_train` is the full kernel only for one output per example; for"
-        f" `y_train` of shape {tuple(y.shape)} and loss={_loss_name(loss)} pass the full"
-        " (n, n, k, k) kernel (or K[:, :, None, None] * jnp.eye(k) for K ⊗ I).")
+        f" `y_train` of shape {tuple(y.shape)} and loss={predictor_inputs.loss_name(loss)}"
+        " pass the full (n, n, k, k) kernel (or K[:, :, None, None] * jnp.eye(k) for K ⊗ I).")
   return out
-
-
-def _concrete_bool(value: jax.Array, *, default: bool) -> bool:
-  """``bool(value)``, or ``default`` when ``value`` is traced."""
-  try:
-    return bool(value)
-  except jax.errors.ConcretizationTypeError:
-    return default
-
-
-def _loss_name(loss: Any) -> str:
-  return repr(loss) if isinstance(loss, str) else getattr(loss, "__name__", "<callable>")
 
 
 def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -354,115 +326,3 @@ def _solve_test(chol: jax.Array, residual: jax.Array, kx: jax.Array) -> jax.Arra
   """``K_xX K⁻¹ r`` from the lower Cholesky factor of ``K``."""
   alpha = jax.scipy.linalg.cho_solve((chol, True), residual)
   return jnp.matmul(kx, alpha, precision=_HIGHEST)
-
-
-def _check_train_shapes(k_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> bool:
-  """Validates ``k_train_train`` against ``y_train``; returns whether it is full (4-D)."""
-  if len(k_shape) not in (2, 4):
-    raise ValueError(
-        "`k_train_train` must be 2-D (n, n) or 4-D (n, n, k, k); got shape"
-        f" {tuple(k_shape)}.")
-  if k_shape[0] != k_shape[1] or (len(k_shape) == 4 and k_shape[2] != k_shape[3]):
-    raise ValueError(
-        "`k_train_train` must be square, (n, n) or (n, n, k, k); got shape"
-        f" {tuple(k_shape)}.")
-  n = k_shape[0]
-  if len(y_shape) == 0 or y_shape[0] != n:
-    raise ValueError(
-        f"`y_train` must have n = {n} rows to match `k_train_train` of shape"
-        f" {tuple(k_shape)}; got shape {tuple(y_shape)}.")
-  if len(k_shape) == 4:
-    k = k_shape[2]
-    if math.prod(y_shape[1:]) != k:
-      raise ValueError(
-          f"`y_train` must have k = {k} outputs per example to match `k_train_train`"
-          f" of shape {tuple(k_shape)}: expected ({n}, {k}); got {tuple(y_shape)}.")
-    return True
-  return False
-
-
-def _test_matrix(k_test_train: Any, train_shape: tuple[int, ...],
-                 dtype: jnp.dtype) -> jax.Array:
-  """``k_test_train`` as an ``(m·k, n·k)`` (full) or ``(m, n)`` (2-D) matrix."""
-  _validation.check_float_array("k_test_train", k_test_train)
-  shape = tuple(k_test_train.shape)
-  expected = "(m, " + ", ".join(str(d) for d in train_shape[1:]) + ")"
-  if len(shape) != len(train_shape) or shape[1:] != tuple(train_shape[1:]):
-    raise ValueError(
-        f"`k_test_train` must have shape {expected} to match `k_train_train` of"
-        f" shape {tuple(train_shape)}; got {shape}.")
-  if shape[0] == 0:
-    raise ValueError("`k_test_train` has no test examples (m = 0).")
-  return _layout.kernel_to_matrix(jnp.asarray(k_test_train, dtype))
-
-
-def _outputs(name: str, value: Any, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-  """A scalar or an array of ``shape`` (``(n,)`` and ``(n, 1)`` interchangeable)."""
-  if np.ndim(value) == 0:
-    return jnp.full(shape, value, dtype)
-  _validation.check_targets(name, value, shape)
-  return jnp.asarray(value, dtype).reshape(shape)
-
-
-def _check_time(t: Any) -> Any:
-  """``None`` for ``t=None`` or ``inf``; ``t`` otherwise (validated when concrete)."""
-  if t is None:
-    return None
-  is_scalar_array = hasattr(t, "shape") and np.ndim(t) == 0
-  if isinstance(t, bool) or not (isinstance(t, numbers.Real) or is_scalar_array):
-    raise TypeError(f"`t` must be a number >= 0 or None; got {t!r}.")
-  try:
-    value = float(t)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return t  # traced: validated by the caller's construction
-  if math.isnan(value) or value < 0:
-    raise ValueError(f"`t` must be >= 0 (or None for t = ∞); got {value}.")
-  return None if math.isinf(value) else t
-
-
-def _check_spectrum(matrix: jax.Array, ridge: float, dtype: jnp.dtype) -> dict | None:
-  """Host-side float64 checks of ``matrix + ridge·I``; None when traced.
-
-  A matrix sharded across processes is gathered to every process first (a
-  collective: every process constructs the predictor).
-  """
-  if isinstance(matrix, jax.core.Tracer):
-    return None
-  host = np.asarray(_placement.to_host(matrix), dtype=np.float64)
-  if not np.all(np.isfinite(host)):
-    raise ValueError("`k_train_train` contains NaN or infinite entries.")
-  eps = float(jnp.finfo(dtype).eps)
-  scale = float(np.max(np.abs(host))) if host.size else 0.0
-  asym = float(np.max(np.abs(host - host.T))) if host.size else 0.0
-  if asym > math.sqrt(eps) * scale:
-    raise ValueError(
-        "`k_train_train` must be symmetric (as an (N, N) matrix); its largest"
-        f" asymmetry |K - Kᵀ| is {asym:.3g} for entries up to {scale:.3g}.")
-  host = 0.5 * (host + host.T) + ridge * np.eye(host.shape[0])
-  evals = np.linalg.eigvalsh(host)
-  lam_min, lam_max = float(evals[0]), float(np.max(np.abs(evals)))
-  tol = host.shape[0] * eps * lam_max
-  info = dict(lam_min=lam_min, lam_max=lam_max, tol=tol, eps=eps,
-              singular=lam_min <= tol, dtype=jnp.dtype(dtype).name)
-  if lam_min < -tol:
-    raise ValueError(
-        f"`k_train_train`{' + ridge·I' if ridge else ''} is not positive semi-definite:"
-        f" its smallest eigenvalue is {lam_min:.3g} (largest {lam_max:.3g}, rounding"
-        f" tolerance {tol:.3g}). An NTK is a Gram matrix; check it was computed on the"
-        " training inputs (empirical_ntk(apply_fn, params, x_train)), or pass"
-        f" ridge >= {_suggest_ridge(info, ridge) - lam_min:.1g}.")
-  return info
-
-
-def _suggest_ridge(info: dict, ridge: float) -> float:
-  """``sqrt(eps)·λ_max``: condition number ≲ 1/sqrt(eps) keeps half the digits."""
-  return max(math.sqrt(info["eps"]) * info["lam_max"], 10 * ridge, 1e-6)
-
-
-def _singular_message(info: dict, ridge: float) -> str:
-  return (
-      f"`k_train_train`{' + ridge·I' if ridge else ''} is singular to {info['dtype']}"
-      f" precision: its smallest eigenvalue {info['lam_min']:.3g} is below the"
-      f" tolerance {info['tol']:.3g} (= N·eps·λ_max, λ_max = {info['lam_max']:.3g}),"
-      " so t=None (the K⁻¹ interpolator) is undefined. Pass a ridge to"
-      f" kernel_predictor, e.g. ridge={_suggest_ridge(info, ridge):.1g}, or use a finite t.")

@@ -77,10 +77,9 @@ def lazy_radius(apply_fn: Callable, params0: PyTree, x: PyTree, *, num_iters: in
   Returns:
     A :class:`LazyRadius`.
   """
-  norms._check_common(apply_fn, params0, x, num_iters=num_iters, tol=tol, method=method,
-                      key=key, return_vector=False, batch_size=None)
-  return _lazy_radius_jit(apply_fn, params0, x, key=key, num_iters=num_iters, tol=tol,
-                          method=method)
+  options = norms._check_common(apply_fn, params0, x, key, num_iters=num_iters, tol=tol,
+                                method=method, return_vector=False, batch_size=None)
+  return _lazy_radius_jit(apply_fn, params0, x, options, key=key)
 
 
 def jacobian_sigma_min_core(apply_fn: Callable, params: PyTree, x: PyTree, *,
@@ -105,18 +104,18 @@ def lazy_radius_ratio(params: PyTree, params0: PyTree, radius: jax.Array) -> jax
   return norms.saturating_div(_tree.tree_norm(_tree.tree_sub(params, params0)), radius)
 
 
-def lazy_radius_core(apply_fn: Callable, params0: PyTree, x: PyTree, *,
-                     key: jax.Array | None = None, num_iters: int = 100, tol: float = 1e-4,
-                     method: str = "power", ntk_method: str = "auto",
+def lazy_radius_core(apply_fn: Callable, params0: PyTree, x: PyTree,
+                     options: norms.SolverOptions = norms.SolverOptions(), *,
+                     key: jax.Array | None = None, ntk_method: str = "auto",
                      batch_size: int | None = None) -> LazyRadius:
-  """:func:`lazy_radius` without validation; traceable (``jit``-able)."""
+  """:func:`lazy_radius` without validation; traceable (``jit``-able). ``options``
+  are the Hessian norm's; ``ntk_method`` and ``batch_size`` the NTK's."""
   sigma_min = jacobian_sigma_min_core(apply_fn, params0, x, ntk_method=ntk_method,
                                       batch_size=batch_size)
-  hess = norms.hessian_norm_core(apply_fn, params0, x, key=key, num_iters=num_iters, tol=tol,
-                                 method=method)
+  hess = norms.hessian_norm_core(apply_fn, params0, x, options, key=key)
   return LazyRadius(radius=radius_from_norms(sigma_min, hess.value), sigma_min=sigma_min,
                     hessian_norm=hess)
 
 
 _lazy_radius_jit = jax.jit(lazy_radius_core, static_argnames=(
-    "apply_fn", "num_iters", "tol", "method", "ntk_method", "batch_size"))
+    "apply_fn", "options", "ntk_method", "batch_size"))

@@ -48,6 +48,7 @@ import numpy as np
 from jax import lax
 
 from ntk_diag import _layout
+from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _placement
 from ntk_diag import _tree
@@ -160,6 +161,22 @@ class SnapshotSpec:
     """``f(params, x)`` of the model with ``model_state`` held fixed."""
     return _model.bind_model_state(self.apply_fn, model_state if self.with_model_state else None)
 
+  @functools.cached_property
+  def ntk_fn(self) -> Callable[..., jax.Array]:
+    """The NTK group's kernel function, built once per spec (:func:`ntk_diag.empirical_ntk_fn`)."""
+    cfg = self.config
+    return ntk.empirical_ntk_fn(self.apply_fn, trace_outputs=cfg.ntk_trace_outputs,
+                                method=cfg.ntk_method, batch_size=cfg.ntk_batch_size)
+
+  @functools.cached_property
+  def ntk_and_diagonal_fn(self) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The NTK group's kernel with the Gram blocks of the first ``norm_examples``
+    points, built once per spec (:func:`ntk_diag.ntk.empirical_ntk_and_diagonal_fn`)."""
+    cfg = self.config
+    return ntk.empirical_ntk_and_diagonal_fn(
+        self.apply_fn, num_diagonal=self.norm_examples, trace_outputs=cfg.ntk_trace_outputs,
+        method=cfg.ntk_method, batch_size=cfg.ntk_batch_size)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -267,14 +284,17 @@ def hessian_layout(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree,
 def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int, *,
                     layout: block_hessian.Layout | None = None) -> bool:
   """Whether the warm-start vectors fit the budget: ``norm_examples · k`` Hessian
-  vectors (factored with ``layout``, else parameter-sized), the sharpness vector
-  and, for ``k > GRAM_MAX_OUTPUTS``, ``norm_examples`` Jacobian vectors."""
-  itemsize = jnp.dtype(_model.param_dtype(theta0)).itemsize
-  per_vector = _tree.tree_size(theta0) * itemsize
-  per_hessian = (per_vector if layout is None
-                 else block_hessian.vector_size(layout, theta0) * itemsize)
-  jacobian = norm_examples if k > norms.GRAM_MAX_OUTPUTS else 0
-  return norm_examples * k * per_hessian + (jacobian + 1) * per_vector <= budget_bytes
+  vectors (factored with ``layout``, else parameter-sized: :func:`ntk_diag._memory.warm_start_fits`),
+  the sharpness vector and, for ``k > GRAM_MAX_OUTPUTS``, ``norm_examples`` Jacobian vectors."""
+  jacobian_vectors = k > norms.GRAM_MAX_OUTPUTS
+  if layout is None:
+    return _memory.warm_start_fits(theta0, norm_examples, k, budget_bytes,
+                                   jacobian_vectors=jacobian_vectors)
+  per_vector = _memory.vector_bytes(theta0)
+  per_hessian = (block_hessian.vector_size(layout, theta0)
+                 * jnp.dtype(_model.param_dtype(theta0)).itemsize)
+  dense = (norm_examples if jacobian_vectors else 0) + 1
+  return norm_examples * k * per_hessian + dense * per_vector <= budget_bytes
 
 
 def layer_groups(params: PyTree) -> list[str]:
@@ -295,18 +315,15 @@ def weight_change(params: PyTree, theta0: PyTree) -> dict[str, jax.Array]:
   return out
 
 
-def _kernel(spec: SnapshotSpec, f: Callable, params: PyTree, x: PyTree, k: int
+def _kernel(spec: SnapshotSpec, params: PyTree, x: PyTree, model_state: PyTree, k: int
             ) -> tuple[jax.Array, jax.Array | None]:
   """The NTK of ``x`` and, when the norms group needs them (``k ≤ GRAM_MAX_OUTPUTS``),
   the Gram blocks ``J_{x_i} J_{x_i}ᵀ`` of the first ``norm_examples`` points from the
   same pass (``None`` otherwise)."""
-  cfg = spec.config
-  options = dict(trace_outputs=cfg.ntk_trace_outputs, method=cfg.ntk_method,
-                 batch_size=cfg.ntk_batch_size)
+  model_state = model_state if spec.with_model_state else None
   if spec.compute_norms and k <= norms.GRAM_MAX_OUTPUTS:
-    return ntk.empirical_ntk_and_diagonal(f, params, x, num_diagonal=spec.norm_examples,
-                                          **options)
-  return ntk.empirical_ntk(f, params, x, **options), None
+    return spec.ntk_and_diagonal_fn(params, x, model_state=model_state)
+  return spec.ntk_fn(params, x, model_state=model_state), None
 
 
 def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree,
@@ -335,7 +352,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
 
   grams = None
   if spec.compute_ntk:
-    kernel, grams = _kernel(spec, f, params, x, outputs[0].size)
+    kernel, grams = _kernel(spec, params, x, model_state, outputs[0].size)
     kernel0 = jnp.where(init & ~state.kernel0_restored, kernel, state.kernel0)
     prev_kernel = jnp.where(init, kernel0, state.prev_kernel)
     prev_step = jnp.where(init, step, state.prev_step)
@@ -362,17 +379,17 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
       updates["infinite_kernel"] = kernel_inf
 
   if spec.compute_norms:
-    options = dict(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
-                   return_vector=spec.warm_start)
+    options = norms.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
+                                  return_vector=spec.warm_start,
+                                  screen_iters=cfg.hessian_screen_iters)
     key_jac, key_hess = jax.random.split(jax.random.key(cfg.seed))
     if grams is None:
-      jac = norms.jacobian_norm_core(f, params, x_m, key=key_jac, init=state.jacobian_vectors,
-                                     **options)
+      jac = norms.jacobian_norm_core(f, params, x_m, options, key=key_jac,
+                                     init=state.jacobian_vectors)
     else:  # exact, from the NTK pass (what jacobian_norm_core computes for k ≤ 64)
       jac = norms.jacobian_norm_from_grams(grams)
-    hess = norms.hessian_norm_core(f, params, x_m, key=key_hess, init=state.hessian_vectors,
-                                   screen_iters=cfg.hessian_screen_iters,
-                                   init_values=state.hessian_values, **options)
+    hess = norms.hessian_norm_core(f, params, x_m, options, key=key_hess,
+                                   init=state.hessian_vectors, init_values=state.hessian_values)
     metrics["jacobian_norm"] = jac.value
     metrics["hessian_norm"] = hess.value
     metrics["kappa"] = norms.kappa(hess.value, jac.value, metrics["residual_norm"])

@@ -107,9 +107,12 @@ def _top_abs_eig(name):
   return np.abs(np.linalg.eigvalsh(dense_hessians(apply_fn, params, x))).max(axis=-1)
 
 
-_core = jax.jit(norms.hessian_norm_core, static_argnames=(
-    "apply_fn", "num_iters", "tol", "method", "return_vector", "batch_size", "screen_iters",
-    "factored_vectors"))
+_jit_core = jax.jit(norms.hessian_norm_core, static_argnames=("apply_fn", "options"))
+
+
+def _core(apply_fn, params, x, *, init=None, init_values=None, **options):
+  return _jit_core(apply_fn, params, x, norms.SolverOptions(**options), init=init,
+                   init_values=init_values)
 
 
 @pytest.mark.parametrize("name", ["mlp", "raw"])

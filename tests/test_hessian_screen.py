@@ -26,8 +26,12 @@ SIZES = (3, 10, 10, 4)  # k = 4 outputs, P = 194
 TOL = {"power": 1e-2, "lanczos": 1e-4}
 OPTIONS = dict(num_iters=20, tol=1e-3, return_vector=True)  # SnapshotConfig's defaults
 
-_core = jax.jit(norms.hessian_norm_core, static_argnames=(
-    "apply_fn", "num_iters", "tol", "method", "return_vector", "batch_size", "screen_iters"))
+_jit_core = jax.jit(norms.hessian_norm_core, static_argnames=("apply_fn", "options"))
+
+
+def _core(apply_fn, params, x, *, init=None, init_values=None, **options):
+  return _jit_core(apply_fn, params, x, norms.SolverOptions(**options), init=init,
+                   init_values=init_values)
 
 
 def apply_fn(p, x):

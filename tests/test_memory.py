@@ -80,9 +80,10 @@ def ntk_temp(method, n, batch_size):
 
 def norm_temp(core, n, batch_size, **options):
   """Temporary bytes of the compiled `jacobian_norm` / `hessian_norm` core."""
-  return _temp_bytes(core.lower(apply_fn, PARAMS, _probe(n), key=None, init=None, num_iters=10,
-                                tol=1e-4, method="power", return_vector=False,
-                                batch_size=batch_size, **options))
+  return _temp_bytes(core.lower(apply_fn, PARAMS, _probe(n), key=None, init=None,
+                                options=norms.SolverOptions(
+                                    num_iters=10, tol=1e-4, method="power", return_vector=False,
+                                    batch_size=batch_size, **options)))
 
 
 def check_bounded(temp):
@@ -112,7 +113,7 @@ class _Stop(Exception):
 
 def _spy(seen, name):
   def record(*args, **kwargs):
-    seen[name] = kwargs["batch_size"]
+    seen[name] = kwargs["options"].batch_size if "options" in kwargs else kwargs["batch_size"]
     raise _Stop
   return record
 
@@ -135,7 +136,7 @@ def test_public_functions_hand_batch_size_to_the_compiled_cores(monkeypatch):
     nd.hessian_norm(apply_fn, PARAMS, x, batch_size=4)
   assert seen == {"jacobian_norm": 5, "hessian_norm": 4}
   # batch_size=None with a budget: "jacobian" holds two blocks of per-example
-  # Jacobians, 2·b·k·P float32 values (ntk.choose_batch_size's estimate).
+  # Jacobians, 2·b·k·P float32 values (_memory.jacobian_batch_size's estimate).
   per_example = 2 * K * NUM_PARAMS * 4
   with pytest.raises(_Stop):
     nd.empirical_ntk(apply_fn, PARAMS, x, method="jacobian",

@@ -159,8 +159,8 @@ def test_core_under_jit_with_warm_start():
 
   @jax.jit
   def diagnose(params, previous):
-    return norms.lazy_ratio_core(apply_fn, params, x, y, init=previous, return_vector=True,
-                                 key=jax.random.key(1))
+    return norms.lazy_ratio_core(apply_fn, params, x, y, norms.SolverOptions(return_vector=True),
+                                 init=previous, key=jax.random.key(1))
 
   first = diagnose(params, None)
   assert first.jacobian_norm.vector is None  # exact Gram path: nothing to warm-start

@@ -165,7 +165,7 @@ def test_raw_function_with_reused_and_unrecognised_leaves():
 
   params = {"w": _inputs((3, 4), 0), "u": _inputs((4, 4), 1) / 2, "v": _inputs((4, 2), 2)}
   x = _inputs((4, 3))
-  plan = structured._analyse(structured._trace(apply_fn, params, x))
+  plan = structured.plan.analyse(structured.graph.trace(apply_fn, params, x))
   leaves = list(jax.tree_util.tree_flatten_with_path(params)[0])
   names = [path[0].key for path, _ in leaves]
   assert [names[g.leaf] for g in plan.groups] == ["v"]
@@ -204,12 +204,12 @@ def test_layer_kernel_orders_agree(gram_order, monkeypatch):
   a1, a2 = _inputs((3, 2, 5, 4), 0), _inputs((2, 2, 5, 4), 1)
   g1, g2 = _inputs((3, 3, 2, 5, 6), 2), _inputs((2, 3, 2, 5, 6), 3)
   n1, k, g, s, o = g1.shape
-  assert not structured._gram_order(n1, 2, k, g, s, s, 4, o, False)  # the premise
-  monkeypatch.setattr(structured, "_gram_order", lambda *args: gram_order)
+  assert not structured.kernel.gram_order(n1, 2, k, g, s, s, 4, o, False)  # the premise
+  monkeypatch.setattr(structured.kernel, "gram_order", lambda *args: gram_order)
   expected = [np.einsum(spec, *(np.asarray(a, np.float64) for a in (a1, a2, g1, g2)))
               for spec in ("igsc,jgtc,iagso,jbgto->iajb", "igsc,jgtc,iagso,jagto->ij")]
   for trace_outputs in (False, True):
-    got = jax.jit(functools.partial(structured._layer_kernel, trace_outputs=trace_outputs))(
+    got = jax.jit(functools.partial(structured.kernel.layer_kernel, trace_outputs=trace_outputs))(
         a1, g1, a2, g2)
     assert_close_fro(got, expected[trace_outputs])
 
@@ -217,8 +217,9 @@ def test_layer_kernel_orders_agree(gram_order, monkeypatch):
 def test_memory_budget_blocks_structured_kernel():
   apply_fn, params, x1, x2 = _case("mlp")
   k = 3
-  full = structured.choose_batch_size(apply_fn, params, x1, 4, 3, k, False, 4, 1 << 30)
-  small = structured.choose_batch_size(apply_fn, params, x1, 4, 3, k, False, 4, 6000)
+  plan = structured.plan_or_none(apply_fn, params, x1)
+  full = structured.choose_batch_size(plan, 4, 3, k, False, 4, 1 << 30)
+  small = structured.choose_batch_size(plan, 4, 3, k, False, 4, 6000)
   assert full == 4 and 1 <= small < 4
   got = nd.empirical_ntk(apply_fn, params, x1, x2, method="structured",
                          memory_budget_bytes=6000)

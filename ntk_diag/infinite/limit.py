@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ntk_diag import _jacobians
 from ntk_diag import _memory
 from ntk_diag import _model
 from ntk_diag import _validation
-from ntk_diag import ntk as _ntk
 from ntk_diag.infinite import _covariance as cv
 from ntk_diag.infinite import layers as _layers
 from ntk_diag.kernel_stats import safe_div
@@ -67,13 +67,8 @@ def kernels(net: _layers.Serial, x1, x2=None, *, batch_size: int | None = None,
   layout = _layers.check_network(net, example_shape)
   budget = memory_budget_bytes or _memory.default_budget_bytes()
   fitting = choose_batch_size(net, example_shape, n1, n2, _compute_dtype(x1).itemsize, budget)
-  if batch_size is None:
-    batch_size = fitting
-  elif min(batch_size, max(n1, n2)) > fitting:
-    raise ValueError(
-        f"`batch_size`={batch_size} exceeds the memory budget of {budget / 2**30:.2f} GiB for"
-        f" this network on inputs of shape {example_shape}; batch_size={fitting} fits (or pass"
-        " a larger memory_budget_bytes).")
+  batch_size = _memory.block_size(batch_size, fitting, max(n1, n2), budget,
+                                  f"this network on inputs of shape {example_shape}")
   return _kernels_jit(net, x1, x2, layout=layout, batch_size=int(batch_size))
 
 
@@ -158,13 +153,13 @@ def _kernels_jit(net, x1, x2, *, layout, batch_size):
 
   if x2 is not None:
     x2 = jnp.asarray(x2, dtype)
-    both = _ntk.blockwise(block_fn, x1, x2, n1, x2.shape[0], batch_size)
+    both = _jacobians.blockwise(block_fn, x1, x2, n1, x2.shape[0], batch_size)
   elif batch_size >= n1:
     both = block_fn(x1, None)
   else:
     # Off-diagonal tiles pair different examples; the diagonal tiles, where
     # examples meet themselves, are recomputed jointly (see ``_covariance``).
-    both = _ntk.blockwise(block_fn, x1, x1, n1, n1, batch_size, share=True)
+    both = _jacobians.blockwise(block_fn, x1, x1, n1, n1, batch_size, share=True)
     tiles = _model.pad_to_blocks(x1, n1, batch_size)
     diagonal = lax.map(lambda tile: block_fn(tile, None), tiles)  # (nb, b, b, 2)
     idx = jnp.minimum(jnp.arange(tiles.shape[0] * batch_size), n1 - 1).reshape(tiles.shape[:2])
