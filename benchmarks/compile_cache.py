@@ -38,12 +38,12 @@ def child(model: str, cache_dir: str | None) -> dict:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   sys.path.insert(0, HERE)
   import snapshot_core
-  from ntk_diag import snapshot as snapshot_lib
+  from ntk_diag import diag_state
   imported = time.perf_counter()
   apply_fn, params0, _, _, probe_x, probe_y = snapshot_core.problem(model)
   jax.block_until_ready((params0, probe_x))
   built = time.perf_counter()
-  snapshot_core.snapshotter(apply_fn, params0, probe_x, probe_y, snapshot_lib.SnapshotConfig())
+  snapshot_core.snapshotter(apply_fn, params0, probe_x, probe_y, diag_state.SnapshotConfig())
   done = time.perf_counter()
   return {"import": imported - start, "model": built - imported, "startup": done - built,
           "load": os.getloadavg()[0]}

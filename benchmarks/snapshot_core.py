@@ -52,6 +52,7 @@ import _timing  # noqa: E402
 
 import ntk_diag as nd  # noqa: E402
 from ntk_diag import block_hessian  # noqa: E402
+from ntk_diag import diag_state  # noqa: E402
 from ntk_diag import norms as norms_lib  # noqa: E402
 from ntk_diag import ntk as ntk_lib  # noqa: E402
 from ntk_diag import snapshot as snapshot_lib  # noqa: E402
@@ -102,13 +103,13 @@ def problem(name: str, seed: int = 0):
 def snapshotter(apply_fn, params0, probe_x, probe_y, cfg):
   """``(Snapshotter, state after the first snapshot at θ0)``, built as the hook does."""
   k = int(np.prod(probe_y.shape[1:]))
-  spec = snapshot_lib.SnapshotSpec(apply_fn=apply_fn, with_model_state=False, config=cfg,
-                                   norm_examples=NORM_EXAMPLES)
-  layout = snapshot_lib.hessian_layout(spec, params0, None, probe_x)
-  warm = snapshot_lib.warm_start_fits(params0, NORM_EXAMPLES, k, cfg.warm_start_bytes,
-                                      layout=layout)
+  spec = diag_state.SnapshotSpec(apply_fn=apply_fn, with_model_state=False, config=cfg,
+                                 norm_examples=NORM_EXAMPLES)
+  layout = diag_state.hessian_layout(spec, params0, None, probe_x)
+  warm = diag_state.warm_start_fits(params0, NORM_EXAMPLES, k, cfg.warm_start_bytes,
+                                    layout=layout)
   spec = dataclasses.replace(spec, warm_start=warm)
-  state = snapshot_lib.initial_state(spec, params0, None, probe_x, np.asarray(probe_y), step=0)
+  state = diag_state.initial_state(spec, params0, None, probe_x, np.asarray(probe_y), step=0)
   snap = snapshot_lib.Snapshotter(spec, state, params0, None)
   state, _ = jax.block_until_ready(snap(state, params0, None, 0))
   return snap, state
@@ -125,7 +126,7 @@ def run(name: str, repeats: int = 5) -> dict:
   n_probe, batch = MODELS[name]
   num_params = sum(a.size for a in jax.tree.leaves(params0))
   params1 = jax.tree.map(lambda a: a * 1.01, params0)
-  cfg = snapshot_lib.SnapshotConfig()
+  cfg = diag_state.SnapshotConfig()
   x_norm = probe_x[:NORM_EXAMPLES]
   k = 10
   solver = norms_lib.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method)

@@ -15,6 +15,7 @@ from ntk_diag.compare import Comparison
 from ntk_diag.compare import PredictorRow
 from ntk_diag.compare import compare
 from ntk_diag.compare import kernel_learning_rate
+from ntk_diag.diag_state import SnapshotConfig
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.linearize import linearize
 from ntk_diag.norms import LazyReport
@@ -28,7 +29,6 @@ from ntk_diag.predict import kernel_predictor
 from ntk_diag.radius import LazyRadius
 from ntk_diag.radius import lazy_radius
 from ntk_diag.sharpness import loss_sharpness
-from ntk_diag.snapshot import SnapshotConfig
 from ntk_diag.twin import LinearizedTwin
 from ntk_diag.twin import TwinState
 

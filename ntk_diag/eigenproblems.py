@@ -206,9 +206,9 @@ def dense_hessian_problems(apply_fn: Callable, params: PyTree, x: PyTree, n: int
     xi = _model.take(x, i)
     grad_fn = jax.grad(lambda p: f(p, xi)[a])
     _, hvp = jax.linearize(grad_fn, params)  # forward-over-reverse
-    result = spectral._top_eigenpair(hvp, shared if start is None else start,
-                                     method=options.method, which="magnitude",
-                                     num_iters=iters, tol=options.tol)
+    result = spectral.top_eigenpair_core(hvp, shared if start is None else start,
+                                         method=options.method, which="magnitude",
+                                         num_iters=iters, tol=options.tol)
     return result.value, result.iterations, result.converged, result.vector
 
   def solve_all(iters, keep_vectors):

@@ -25,6 +25,7 @@ from ntk_diag import _model
 from ntk_diag import _placement
 from ntk_diag import _validation
 from ntk_diag import checkpoint
+from ntk_diag import diag_state
 from ntk_diag import losses
 from ntk_diag import snapshot as snapshot_lib
 from ntk_diag import tb_logging
@@ -55,7 +56,7 @@ class SnapshotResult:
 class _Run:
   """What the hook holds after start-up: the compiled snapshot and its state."""
   snapshotter: snapshot_lib.Snapshotter
-  state: snapshot_lib.DiagState
+  state: diag_state.DiagState
   with_model_state: bool
   replicated: bool
   pending: tuple[int, dict] | None = None  # the start-up snapshot (at θ0), not yet logged
@@ -122,7 +123,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     compute_norms: Jacobian / Hessian norms, κ and the lazy radius.
     compute_twin: gap between the network and its linearization at θ0 (and
       the lockstep twin's distances when called with ``twin_params``).
-    config: cost and method options, see :class:`ntk_diag.snapshot.SnapshotConfig`.
+    config: cost and method options, see :class:`ntk_diag.diag_state.SnapshotConfig`.
     log_images: also write the NTK heatmap and spectrum plot as images.
     images_every: write the images at every ``images_every``-th snapshot
       (the first included); rendering the plot costs ~0.1 s.
@@ -136,11 +137,11 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
                writer: metric_writers.MetricWriter | None = None,
                every_steps: int | None = None, every_secs: float | None = None,
                on_steps: Iterable[int] | None = None, loss: losses.LossLike = "mse",
-               norm_examples: int | None = snapshot_lib.DEFAULT_NORM_EXAMPLES,
+               norm_examples: int | None = diag_state.DEFAULT_NORM_EXAMPLES,
                learning_rate: float | None = None, infinite: Any = None,
                max_overhead: float | None = None,
                compute_ntk: bool = True, compute_norms: bool = True, compute_twin: bool = True,
-               config: snapshot_lib.SnapshotConfig | None = None,
+               config: diag_state.SnapshotConfig | None = None,
                log_images: bool = True, images_every: int = 10, strict: bool = False,
                clock: Callable[[], float] = time.monotonic):
     _validation.check_callable("apply_fn", apply_fn)
@@ -164,7 +165,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     if every_steps is None and every_secs is None and not on_steps:
       every_steps = DEFAULT_EVERY_STEPS
     super().__init__(every_steps=every_steps, every_secs=every_secs, on_steps=on_steps)
-    self._config = config or snapshot_lib.SnapshotConfig()
+    self._config = config or diag_state.SnapshotConfig()
     self._config.validate()
     self._groups = dict(compute_ntk=bool(compute_ntk), compute_norms=bool(compute_norms),
                         compute_twin=bool(compute_twin))
@@ -174,7 +175,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     self._loss = loss
     self._learning_rate = None if learning_rate is None else float(learning_rate)
     self._infinite = infinite
-    self._norm_examples = snapshot_lib.norm_examples_count(n, norm_examples)
+    self._norm_examples = diag_state.norm_examples_count(n, norm_examples)
     self._workdir = os.fspath(workdir)
     self._is_writer = jax.process_index() == 0
     self._writer = writer if writer is not None else metric_writers.create_default_writer(
@@ -288,14 +289,14 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     out_shape = self._output_shape(params, model_state, x)
     losses.check_targets("probe_y", self._probe_y, self._loss, (n,) + out_shape)
     k = _model.num_outputs(out_shape)
-    spec = snapshot_lib.SnapshotSpec(
+    spec = diag_state.SnapshotSpec(
         apply_fn=self._apply_fn, with_model_state=with_model_state, config=self._config,
         loss=self._loss, norm_examples=self._norm_examples,
         learning_rate=self._learning_rate, infinite=self._infinite,
         alignment=not callable(self._loss) or np.size(self._probe_y) == n * k, **self._groups)
-    layout = snapshot_lib.hessian_layout(spec, params, model_state, x)
-    warm = snapshot_lib.warm_start_fits(params, self._norm_examples, k,
-                                        self._config.warm_start_bytes, layout=layout)
+    layout = diag_state.hessian_layout(spec, params, model_state, x)
+    warm = diag_state.warm_start_fits(params, self._norm_examples, k,
+                                      self._config.warm_start_bytes, layout=layout)
     spec = dataclasses.replace(spec, warm_start=warm)
 
     theta0, model_state0, probe_x, probe_y, kernel0, step0 = (
@@ -324,8 +325,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     prepared_y = losses.prepare_targets(self._loss, _placement.host_unless_global(probe_y), (n,) + out_shape)
     if not _placement.is_global(prepared_y):
       prepared_y = np.asarray(prepared_y)
-    state = snapshot_lib.initial_state(spec, theta0, model_state0, probe_x, prepared_y,
-                                       step=step0, kernel0=kernel0)
+    state = diag_state.initial_state(spec, theta0, model_state0, probe_x, prepared_y,
+                                     step=step0, kernel0=kernel0)
     snapshotter = snapshot_lib.Snapshotter(spec, state, params, model_state)
     # The first snapshot is at θ0: it fills f(θ0), K0, the lazy radius and
     # the warm starts. In a fresh run it is this step's snapshot.

@@ -259,8 +259,8 @@ def jacobian_norm_core(apply_fn: Callable, params: PyTree, x: PyTree,
   key = _default_key(key)
   n = _num_examples(x)
   k = _model.num_outputs(_model.example_output_shape(apply_fn, params, x))
-  solver = functools.partial(spectral._top_eigenpair, method=options.method, which="largest",
-                             num_iters=options.num_iters, tol=options.tol)
+  solver = functools.partial(spectral.top_eigenpair_core, method=options.method,
+                             which="largest", num_iters=options.num_iters, tol=options.tol)
   if options.stacked:
     f_batch = _model.batched(apply_fn)
     start, _ = eigenproblems.problem_inits(init, params, (), key)

@@ -125,9 +125,9 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
     init = _tree.tree_random_normal_like(jax.random.PRNGKey(0) if key is None else key, params)
   else:
     init = jax.tree.map(lambda v, p: jnp.asarray(v, p.dtype), init, params)
-  result = spectral._top_eigenpair(hvp, init, method="lanczos", which="largest",
-                                   num_iters=num_iters, tol=tol, krylov_dim=krylov_dim,
-                                   screen_dim=screen_iters)
+  result = spectral.top_eigenpair_core(hvp, init, method="lanczos", which="largest",
+                                       num_iters=num_iters, tol=tol, krylov_dim=krylov_dim,
+                                       screen_dim=screen_iters)
   return NormEstimate(value=result.value, per_example=None, iterations=result.iterations,
                       converged=result.converged, vector=result.vector)
 

@@ -119,7 +119,7 @@ def to_lists(values):
 
 
 def hook_options():
-  from ntk_diag.snapshot import SnapshotConfig
+  from ntk_diag.diag_state import SnapshotConfig
   return dict(every_steps=1, norm_examples=NORM_EXAMPLES, strict=True,
               config=SnapshotConfig(num_iters=NUM_ITERS, tol=TOL))
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from ntk_diag import diag_state
 from ntk_diag import norms
 from ntk_diag import snapshot
 from reference import dense_hessians, rel_err
@@ -139,10 +140,11 @@ def test_vector_and_per_problem_shapes():
 def test_snapshot_hessian_norm_cold_then_warm():
   params, nearby, x = problem()
   n_hess = 4
-  spec = snapshot.SnapshotSpec(apply_fn=apply_fn, with_model_state=False,
-                               config=snapshot.SnapshotConfig(),  # screening on
-                               norm_examples=n_hess, compute_ntk=False, compute_twin=False)
-  state = snapshot.initial_state(spec, nearby, None, x, jnp.zeros((x.shape[0], SIZES[-1])), step=0)
+  spec = diag_state.SnapshotSpec(apply_fn=apply_fn, with_model_state=False,
+                                 config=diag_state.SnapshotConfig(),  # screening on
+                                 norm_examples=n_hess, compute_ntk=False, compute_twin=False)
+  state = diag_state.initial_state(spec, nearby, None, x, jnp.zeros((x.shape[0], SIZES[-1])),
+                                   step=0)
   run = snapshot.Snapshotter(spec, state, nearby, None)
   state, cold = run(state, nearby, None, 0)
   state, warm = run(state, params, None, 1)
@@ -154,4 +156,4 @@ def test_snapshot_hessian_norm_cold_then_warm():
                                          (True, TypeError)])
 def test_config_rejects_bad_screen_iters(value, error):
   with pytest.raises(error, match="hessian_screen_iters"):
-    snapshot.SnapshotConfig(hessian_screen_iters=value).validate()
+    diag_state.SnapshotConfig(hessian_screen_iters=value).validate()

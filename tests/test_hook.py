@@ -16,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 import ntk_diag as nd
 from events import read_scalars
 from ntk_diag import snapshot as snapshot_lib
-from ntk_diag.snapshot import SnapshotConfig
+from ntk_diag.diag_state import SnapshotConfig
 from reference import dense_hessians
 from reference import dense_jacobian
 from reference import hessian_spectral_norms

@@ -31,7 +31,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ntk_diag as nd
-from ntk_diag.snapshot import SnapshotConfig
+from ntk_diag.diag_state import SnapshotConfig
 
 assert jax.device_count() == 4, jax.devices()
 

@@ -16,7 +16,7 @@ from flax import linen as nn
 import ntk_diag as nd
 from models import MLP
 from events import read_scalars
-from ntk_diag.snapshot import SnapshotConfig
+from ntk_diag.diag_state import SnapshotConfig
 
 
 def _setup(width=16, n=6):

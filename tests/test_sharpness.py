@@ -100,6 +100,6 @@ def test_validation():
 
 @pytest.mark.parametrize("value,error", [(0, ValueError), (2.5, TypeError)])
 def test_snapshot_config_rejects_bad_sharpness_screen(value, error):
-  from ntk_diag.snapshot import SnapshotConfig
+  from ntk_diag.diag_state import SnapshotConfig
   with pytest.raises(error, match="sharpness_screen_iters"):
     SnapshotConfig(sharpness_screen_iters=value).validate()
