@@ -147,9 +147,9 @@ def jacobian_norm(apply_fn: Callable, params: PyTree, x: PyTree, *, stacked: boo
     Power iteration converges at the rate ``(λ₂/λ₁)^k`` and may end with
     ``converged=False`` on clustered spectra; its estimate is a lower bound.
   """
-  options = _check_common(apply_fn, params, x, key, num_iters=num_iters, tol=tol,
-                          method=method, return_vector=return_vector, batch_size=batch_size,
-                          stacked=stacked)
+  options = check_arguments(apply_fn, params, x, key, num_iters=num_iters, tol=tol,
+                            method=method, return_vector=return_vector, batch_size=batch_size,
+                            stacked=stacked)
   return _jacobian_norm_jit(apply_fn, params, x, options=options, key=key, init=init)
 
 
@@ -180,8 +180,8 @@ def hessian_norm(apply_fn: Callable, params: PyTree, x: PyTree, *, num_iters: in
   Returns:
     A :class:`NormEstimate`.
   """
-  options = _check_common(apply_fn, params, x, key, num_iters=num_iters, tol=tol,
-                          method=method, return_vector=return_vector, batch_size=batch_size)
+  options = check_arguments(apply_fn, params, x, key, num_iters=num_iters, tol=tol,
+                            method=method, return_vector=return_vector, batch_size=batch_size)
   return _hessian_norm_jit(apply_fn, params, x, options=options, key=key, init=init)
 
 
@@ -215,9 +215,9 @@ def lazy_ratio(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
     A :class:`LazyReport`; its ``jacobian_norm`` and ``hessian_norm`` are
     :class:`NormEstimate` objects, ``kappa`` and ``residual_norm`` scalars.
   """
-  options = _check_common(apply_fn, params, x, key, num_iters=num_iters, tol=tol,
-                          method=method, return_vector=return_vector, batch_size=batch_size,
-                          stacked=stacked)
+  options = check_arguments(apply_fn, params, x, key, num_iters=num_iters, tol=tol,
+                            method=method, return_vector=return_vector, batch_size=batch_size,
+                            stacked=stacked)
   losses.check_loss("loss", loss)
   n = _validation.leading_size("x", x)
   out_shape = _model.example_output_shape(apply_fn, params, x)
@@ -231,7 +231,7 @@ def lazy_ratio(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
   return _lazy_ratio_jit(apply_fn, params, x, y, options=options, key=key, init=init, loss=loss)
 
 
-def _check_common(apply_fn: Callable, params: PyTree, x: PyTree, key: Any,
+def check_arguments(apply_fn: Callable, params: PyTree, x: PyTree, key: Any,
                   **solver_keywords) -> SolverOptions:
   """Checks a public call's arguments (before tracing); its :class:`SolverOptions`."""
   _validation.check_callable("apply_fn", apply_fn)

@@ -77,8 +77,8 @@ def lazy_radius(apply_fn: Callable, params0: PyTree, x: PyTree, *, num_iters: in
   Returns:
     A :class:`LazyRadius`.
   """
-  options = norms._check_common(apply_fn, params0, x, key, num_iters=num_iters, tol=tol,
-                                method=method, return_vector=False, batch_size=None)
+  options = norms.check_arguments(apply_fn, params0, x, key, num_iters=num_iters, tol=tol,
+                                  method=method, return_vector=False, batch_size=None)
   return _lazy_radius_jit(apply_fn, params0, x, options, key=key)
 
 
