@@ -1,4 +1,5 @@
-"""Reading back what the hook wrote, with the package's own reader, and writing synthetic runs."""
+"""Reading back what the hook wrote, with the package's own reader, writing synthetic runs,
+and MetricWriter stand-ins for hooks whose events a test reads from memory or not at all."""
 
 from tensorboard.util import tensor_util
 
@@ -30,3 +31,38 @@ def write_scalars(logdir, series):
     writer.add_event(event_pb2.Event(step=step, wall_time=float(step),
                                      summary=summary_pb2.Summary(value=values)))
   writer.close()
+
+
+class RecordingWriter:
+  """A MetricWriter stand-in that records calls."""
+
+  def __init__(self):
+    self.scalars, self.histograms, self.images, self.flushes = [], [], [], 0
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((step, dict(scalars)))
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    self.histograms.append((step, dict(arrays)))
+
+  def write_images(self, step, images):
+    self.images.append((step, dict(images)))
+
+  def flush(self):
+    self.flushes += 1
+
+
+class NullWriter:
+  """A MetricWriter stand-in that writes nothing."""
+
+  def write_scalars(self, step, scalars):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def flush(self):
+    pass

@@ -14,7 +14,7 @@ from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 
 import ntk_diag as nd
-from events import read_scalars
+from events import RecordingWriter, read_scalars
 from ntk_diag import snapshot as snapshot_lib
 from ntk_diag.diag_state import SnapshotConfig
 from reference import dense_hessians
@@ -204,25 +204,6 @@ def test_twin_tags_only_with_twin_params(tmp_path):
   logged = read_scalars(tmp_path)
   assert "ntk_diag/twin_gap" in logged and "ntk_diag/twin_distance" not in logged
   assert "ntk_diag/kappa" not in logged and "ntk_diag/lazy_radius" not in logged
-
-
-class RecordingWriter:
-  """A MetricWriter stand-in that records calls."""
-
-  def __init__(self):
-    self.scalars, self.histograms, self.images, self.flushes = [], [], [], 0
-
-  def write_scalars(self, step, scalars):
-    self.scalars.append((step, dict(scalars)))
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    self.histograms.append((step, dict(arrays)))
-
-  def write_images(self, step, images):
-    self.images.append((step, dict(images)))
-
-  def flush(self):
-    self.flushes += 1
 
 
 def test_custom_writer_gets_histograms_images_and_flush(tmp_path):

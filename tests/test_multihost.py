@@ -25,7 +25,7 @@ import numpy as np
 
 import multihost_child as child
 import ntk_diag as nd
-from events import read_scalars
+from events import NullWriter, read_scalars
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -79,7 +79,7 @@ def _reference_fresh(data, workdir):
   apply_fn, theta0, direction, x, y = child.load_data(data)
   out = {"pure": child.to_lists(child.pure_diagnostics(
       apply_fn, _on_device(theta0), _on_device(child.params_at(theta0, direction, 1)), x, y))}
-  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, writer=_NullWriter(),
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, writer=NullWriter(),
                              **child.hook_options())
   out["hook"] = {}
   for step in child.FRESH_STEPS:
@@ -92,7 +92,7 @@ def _reference_fresh(data, workdir):
 
 def _reference_resume(data, workdir):
   apply_fn, theta0, direction, x, y = child.load_data(data)
-  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, writer=_NullWriter(),
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=workdir, writer=NullWriter(),
                              compute_norms=False, **child.hook_options())
   step = child.RESUME_STEP
   hook(step, params=_on_device(child.params_at(theta0, direction, step)))
@@ -101,20 +101,6 @@ def _reference_resume(data, workdir):
 
 def _on_device(tree):
   return jax.tree.map(jnp.asarray, tree)
-
-
-class _NullWriter:
-  def write_scalars(self, step, scalars):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def flush(self):
-    pass
 
 
 def _relative_error(got, want, name=""):

@@ -15,7 +15,7 @@ from flax import linen as nn
 
 import ntk_diag as nd
 from models import MLP
-from events import read_scalars
+from events import RecordingWriter, read_scalars
 from ntk_diag.diag_state import SnapshotConfig
 
 
@@ -235,23 +235,6 @@ def test_orbax_info_logging_is_quiet(tmp_path, caplog):
 
 
 # ---------------------------------------------------------- numerical faults
-class RecordingWriter:
-  def __init__(self):
-    self.scalars = []
-
-  def write_scalars(self, step, scalars):
-    self.scalars.append((step, dict(scalars)))
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def flush(self):
-    pass
-
-
 def test_nonfinite_params_are_logged_not_raised_and_recover(tmp_path):
   apply_fn, params, x, y = _setup()
   writer = RecordingWriter()
