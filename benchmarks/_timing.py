@@ -15,7 +15,9 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 # The NTK benchmark problem: MLP 64-512-512-10 (301k parameters), 256 points.
 NTK_WIDTHS = (64, 512, 512, 10)
@@ -108,3 +110,22 @@ def machine() -> str:
   import platform
   return (f"{platform.machine()}, {os.cpu_count()} CPU cores, backend={jax.default_backend()}, "
           f"jax {jax.__version__}")
+
+
+def sgd_classifier_step(apply_fn, pool, labels, batch: int, learning_rate: float = 0.05):
+  """``(optimizer, train_step)``: SGD on the softmax cross-entropy of minibatch ``i``
+  (``batch`` consecutive examples of ``pool``, wrapping around); ``train_step(params,
+  opt_state, i) -> (params, opt_state)``, not jitted."""
+  opt = optax.sgd(learning_rate)
+
+  def train_step(params, opt_state, i):
+    idx = (i * batch + jnp.arange(batch)) % pool.shape[0]
+    xb, yb = pool[idx], labels[idx]
+
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
+
+    updates, opt_state = opt.update(jax.grad(loss_fn)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return opt, train_step

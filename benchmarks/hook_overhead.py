@@ -42,7 +42,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
@@ -93,19 +92,9 @@ def run(quick: bool = False, repeats: int = 5, groups: tuple[str, ...] = ALL_GRO
   steps = steps or (500 if quick else 4000)
   apply_fn, params0, pool, labels, probe_x, probe_y = _problem()
   num_params = sum(a.size for a in jax.tree.leaves(params0))
-  opt = optax.sgd(0.05)
+  opt, train_step = _timing.sgd_classifier_step(apply_fn, pool, labels, BATCH)
+  train_step = jax.jit(train_step)
   flags = {f"compute_{g}": g in groups for g in ALL_GROUPS}
-
-  @jax.jit
-  def train_step(params, opt_state, i):
-    idx = (i * BATCH + jnp.arange(BATCH)) % pool.shape[0]
-    xb, yb = pool[idx], labels[idx]
-
-    def loss_fn(p):
-      return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
-
-    updates, opt_state = opt.update(jax.grad(loss_fn)(params), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
 
   clock = PausableClock()
   workdir = tempfile.mkdtemp(prefix="ntk_diag_bench_hook_")

@@ -43,7 +43,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -151,17 +150,7 @@ def run(name: str, repeats: int = 5) -> dict:
     return sharpness_lib.loss_sharpness_core(apply_fn, p, x, y, num_iters=cfg.num_iters,
                                              tol=cfg.tol, init=init, screen_iters=screen)
 
-  opt = optax.sgd(0.05)
-
-  def train_step(p, opt_state, i):
-    idx = (i * batch + jnp.arange(batch)) % pool.shape[0]
-    xb, yb = pool[idx], labels[idx]
-
-    def loss_fn(q):
-      return optax.softmax_cross_entropy_with_integer_labels(apply_fn(q, xb), yb).mean()
-
-    updates, opt_state = opt.update(jax.grad(loss_fn)(p), opt_state, p)
-    return optax.apply_updates(p, updates), opt_state
+  opt, train_step = _timing.sgd_classifier_step(apply_fn, pool, labels, batch)
 
   key = jax.random.PRNGKey(3)
   inf_values = jnp.full((NORM_EXAMPLES, k), jnp.inf)
