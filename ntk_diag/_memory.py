@@ -92,12 +92,15 @@ def example_block(batch_size: int | None, per_example_bytes: int, n: int, k: int
 
 
 def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int, *,
-                    jacobian_vectors: bool) -> bool:
+                    jacobian_vectors: bool, hessian_vector_bytes: int | None = None) -> bool:
   """Whether a snapshot's warm-start vectors fit ``budget_bytes``: ``norm_examples · k``
-  (Hessian norm), ``norm_examples`` more when ``jacobian_vectors`` (an iterative
+  Hessian-norm vectors of ``hessian_vector_bytes`` each (default parameter-sized; less
+  when factored), then ``norm_examples`` more when ``jacobian_vectors`` (an iterative
   per-example Jacobian norm) and one (sharpness), each parameter-sized."""
-  count = norm_examples * k + (norm_examples if jacobian_vectors else 0) + 1
-  return count * vector_bytes(theta0) <= budget_bytes
+  per_vector = vector_bytes(theta0)
+  per_hessian = per_vector if hessian_vector_bytes is None else hessian_vector_bytes
+  dense = (norm_examples if jacobian_vectors else 0) + 1
+  return norm_examples * k * per_hessian + dense * per_vector <= budget_bytes
 
 
 def block_size(batch_size: int | None, fitting: int, n: int, budget_bytes: int, what: str) -> int:

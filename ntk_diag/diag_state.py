@@ -248,18 +248,14 @@ def hessian_layout(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree,
 
 def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: int, *,
                     layout: block_hessian.Layout | None = None) -> bool:
-  """Whether the warm-start vectors fit the budget: ``norm_examples · k`` Hessian
-  vectors (factored with ``layout``, else parameter-sized: :func:`ntk_diag._memory.warm_start_fits`),
+  """Whether the warm-start vectors fit the budget (:func:`ntk_diag._memory.warm_start_fits`):
+  ``norm_examples · k`` Hessian vectors, factored with ``layout``, else parameter-sized;
   the sharpness vector and, for ``k > GRAM_MAX_OUTPUTS``, ``norm_examples`` Jacobian vectors."""
-  jacobian_vectors = k > norms.GRAM_MAX_OUTPUTS
-  if layout is None:
-    return _memory.warm_start_fits(theta0, norm_examples, k, budget_bytes,
-                                   jacobian_vectors=jacobian_vectors)
-  per_vector = _memory.vector_bytes(theta0)
-  per_hessian = (block_hessian.vector_size(layout, theta0)
-                 * jnp.dtype(_model.param_dtype(theta0)).itemsize)
-  dense = (norm_examples if jacobian_vectors else 0) + 1
-  return norm_examples * k * per_hessian + dense * per_vector <= budget_bytes
+  hessian_vector_bytes = None if layout is None else (
+      block_hessian.vector_size(layout, theta0) * jnp.dtype(_model.param_dtype(theta0)).itemsize)
+  return _memory.warm_start_fits(theta0, norm_examples, k, budget_bytes,
+                                 jacobian_vectors=k > norms.GRAM_MAX_OUTPUTS,
+                                 hessian_vector_bytes=hessian_vector_bytes)
 
 
 def state_shardings(state: DiagState, replicated: jax.sharding.Sharding) -> DiagState:

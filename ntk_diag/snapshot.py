@@ -112,6 +112,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   n = y.shape[0]
   m = spec.norm_examples
   outputs = f(params, x)
+  k = outputs[0].size
   f0 = jnp.where(init, outputs, state.f0)
   x_m = _model.take(x, jnp.arange(m))
   y_m = y[:m]
@@ -121,7 +122,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
 
   grams = None
   if spec.compute_ntk:
-    kernel, grams = _kernel(spec, params, x, model_state, outputs[0].size)
+    kernel, grams = _kernel(spec, params, x, model_state, k)
     kernel0 = jnp.where(init & ~state.kernel0_restored, kernel, state.kernel0)
     prev_kernel = jnp.where(init, kernel0, state.prev_kernel)
     prev_step = jnp.where(init, step, state.prev_step)
@@ -140,7 +141,6 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     updates.update(kernel0=kernel0, prev_kernel=kernel)
     if spec.infinite is not None:
       from ntk_diag import infinite  # local: only runs that compare with the limit need it
-      k = f0[0].size
       per_output = (kernel if kernel.ndim == 2 else jnp.einsum("ijaa->ij", kernel)) / k
       kernel_inf = lax.cond(init, lambda: infinite.kernels(spec.infinite, x)[1].astype(kernel.dtype),
                             lambda: state.infinite_kernel)
