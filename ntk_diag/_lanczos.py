@@ -5,9 +5,9 @@ on a matvec callable over pytrees. A cycle builds an orthonormal Krylov basis
 ``V`` (reorthogonalised twice per step) and the tridiagonal ``T = Vᵀ A V``;
 the Ritz value of ``T`` selected by ``which`` estimates the eigenvalue, with
 residual ``β_j |y_j|``, and the next cycle restarts from the selected Ritz
-vector. The plain run holds its basis as one ``(m + 1, P)`` array (vectors
-ravelled at the operator boundary); the screened run (``screen_dim``) holds
-it per pytree leaf.
+vector. One cycle serves both runs: the plain run holds its basis as one
+``(m + 1, P)`` array (vectors ravelled at the operator boundary), the
+screened run (``screen_dim``) per pytree leaf.
 """
 
 from __future__ import annotations
@@ -81,35 +81,6 @@ def _tridiagonal(alpha: jax.Array, beta: jax.Array, j: jax.Array, which: str) ->
   return jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
 
 
-def _lanczos_cycle_init(v0: jax.Array, m: int) -> tuple:
-  basis = jnp.zeros((m + 1,) + v0.shape, v0.dtype).at[0].set(v0)
-  zeros = jnp.zeros((m,), v0.dtype)
-  zero = jnp.zeros((), v0.dtype)
-  # (basis, alpha, beta, j, done, theta, residual)
-  return basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero, zero
-
-
-def _lanczos_cond_fun(state: tuple, m: int, budget: jax.Array) -> jax.Array:
-  _, _, _, j, done, _, _ = state
-  return jnp.logical_and(~done, jnp.logical_and(j < m, j < budget))
-
-
-def _lanczos_body_fun(state: tuple, matvec: Callable, tol: float, which: str) -> tuple:
-  """One Lanczos step on flat vectors; ``basis`` rows beyond ``j`` are zero."""
-  basis, alpha, beta, j, _, _, _ = state
-  v = basis[j]
-  beta_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0.0)
-  w = matvec(v)
-  a = _dot(v, w)
-  w = w - a * v - beta_prev * basis[jnp.maximum(j - 1, 0)]
-  # Full reorthogonalisation against the basis, twice ("twice is enough").
-  w = lax.fori_loop(0, 2, lambda _, u: u - _dot(_dot(basis, u), basis), w)
-  b = jnp.linalg.norm(w)
-  alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol, which)
-  v_next = jnp.where(breakdown, 0.0, w / jnp.where(breakdown, 1.0, b)).astype(w.dtype)
-  return basis.at[j + 1].set(v_next), alpha, beta, j + 1, done, theta, residual
-
-
 def _lanczos_ritz(alpha, beta, j, a, b, tol, which) -> tuple:
   """Step ``j``'s coefficients ``a = α_j``, ``b = β_j`` into the tridiagonal, and its
   selected Ritz value, residual ``b |y_j|``, stop and breakdown flags."""
@@ -125,18 +96,18 @@ def _lanczos_ritz(alpha, beta, j, a, b, tol, which) -> tuple:
   return alpha, beta, done, theta, residual, breakdown
 
 
-def _tree_cycle(matvec: Callable, v0: list, treedef: Any, *, rows: int, m: int,
-                 budget: jax.Array, tol: float, which: str) -> tuple:
-  """At most ``rows - 1`` Lanczos steps from the unit leaves ``v0``, on pytrees.
+def _cycle(matvec: Callable, v0: list, *, rows: int, m: int, budget: jax.Array, tol: float,
+           which: str) -> tuple:
+  """At most ``rows - 1`` Lanczos steps from the unit vector ``v0``, then its Ritz vectors.
 
-  The same step as :func:`_lanczos_body_fun`, with the basis held per leaf
-  (``(rows, *leaf)``) and the current vector carried as a loop variable, so
-  the operator sees its own pytree (ravelling vectors at every product costs
-  more than the product itself on CPU at a few steps). Returns
-  ``(vector, restart, theta, residual, j, done)`` as :func:`_lanczos_finish`,
-  vectors as leaf lists.
+  Vectors are lists of arrays (the leaves of a pytree, or one flat array) and
+  ``matvec`` maps such a list to one; the basis is held per leaf as
+  ``(rows, *leaf)`` arrays whose rows beyond ``j`` are zero, and every new
+  vector is reorthogonalised against it twice ("twice is enough"). Returns
+  ``(vector, restart, theta, residual, j, done)``: the selected Ritz vector,
+  the vector to restart from, its Ritz value and residual ``β_j |y_j|``, the
+  steps taken and whether the stopping rule (or a breakdown) was met.
   """
-  tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
   rows_dot = lambda basis, u: sum(
       jnp.tensordot(b, a, axes=a.ndim, precision=_HIGHEST) for b, a in zip(basis, u))
   combine = lambda c, basis: [jnp.tensordot(c, b, axes=1, precision=_HIGHEST) for b in basis]
@@ -144,14 +115,14 @@ def _tree_cycle(matvec: Callable, v0: list, treedef: Any, *, rows: int, m: int,
   def body(state):
     basis, v, alpha, beta, j, _, _, _ = state
     beta_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0.0)
-    w = tree_matvec(v)
-    a = _tree_dot(v, w)
+    w = matvec(v)
+    a = _dot_leaves(v, w)
     w = [x - a * y - beta_prev * lax.dynamic_index_in_dim(z, jnp.maximum(j - 1, 0),
                                                            keepdims=False)
          for x, y, z in zip(w, v, basis)]
     w = lax.fori_loop(0, 2, lambda _, u: [x - y for x, y in zip(
         u, combine(rows_dot(basis, u), basis))], w)
-    b = jnp.sqrt(_tree_dot(w, w))
+    b = jnp.sqrt(_dot_leaves(w, w))
     alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol,
                                                                   which)
     v_next = [jnp.where(breakdown, 0.0, x / jnp.where(breakdown, 1.0, b)).astype(x.dtype)
@@ -169,53 +140,42 @@ def _tree_cycle(matvec: Callable, v0: list, treedef: Any, *, rows: int, m: int,
   state = (basis, v0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero, zero)
   basis, _, alpha, beta, j, done, theta, residual = lax.while_loop(cond, body, state)
   thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-  # The last row never enters a Ritz vector: a zero coefficient (no copy of the others).
+  # Combinations of the first rows, as products with the whole basis and a
+  # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
   coeffs = lambda y: jnp.concatenate([y[:rows - 1], jnp.zeros((1,), y.dtype)])
-  vector = _tree_unit(combine(coeffs(vecs[:, _select(thetas, which)]), basis), v0)
+  vector = _unit(combine(coeffs(vecs[:, _select(thetas, which)]), basis), v0)
   restart = vector
   if which == "magnitude":  # keep both ends of the spectrum alive
     ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
-    restart = _tree_unit(combine(coeffs(ends), basis), vector)
+    restart = _unit(combine(coeffs(ends), basis), vector)
   return vector, restart, theta, residual, j, done
 
 
-def _tree_dot(u: list, w: list) -> jax.Array:
+def _dot_leaves(u: list, w: list) -> jax.Array:
   return sum(_dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, w))
 
 
-def _tree_unit(v: list, fallback: list) -> list:
-  norm = jnp.sqrt(_tree_dot(v, v))
+def _unit(v: list, fallback: list) -> list:
+  norm = jnp.sqrt(_dot_leaves(v, v))
   return [jnp.where(norm > 0, a / jnp.where(norm > 0, norm, 1.0), f) for a, f in zip(v, fallback)]
 
 
-def _normalize(v: jax.Array, fallback: jax.Array) -> jax.Array:
-  norm = jnp.linalg.norm(v)
-  return jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1.0), fallback)
+def _restarted(cycle: Callable, start: list, vector: list, steps: jax.Array,
+               num_iters: int) -> tuple:
+  """Cycles restarted from ``start`` until one converges or ``num_iters`` products
+  (``steps`` of them already spent) are used: ``(vector, theta, residual, steps,
+  converged)``; ``vector`` is returned as it is when no cycle runs."""
+  zero = jnp.zeros((), start[0].dtype)
 
+  def body(state):
+    start, _, _, _, it, _ = state
+    vector, restart, theta, residual, taken, done = cycle(start, num_iters - it)
+    return restart, vector, theta, residual, it + taken, done
 
-def _lanczos_cycle(matvec, v0, *, m, budget, tol, which):
-  """One Lanczos run of at most ``min(m, budget)`` steps from unit ``v0``."""
-  state = lax.while_loop(lambda st: _lanczos_cond_fun(st, m, budget),
-                         lambda st: _lanczos_body_fun(st, matvec, tol, which),
-                         _lanczos_cycle_init(v0, m))
-  return _lanczos_finish(state, v0, which)
-
-
-def _lanczos_finish(state: tuple, v0: jax.Array, which: str) -> tuple:
-  """``(vector, restart, theta, residual, j, done)`` of a cycle's final state."""
-  basis, alpha, beta, j, done, theta, residual = state
-  thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-  # Combinations of the first rows, as products with the whole basis and a
-  # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
-  rows = basis.shape[0]
-  combine = lambda coeffs: _dot(
-      jnp.concatenate([coeffs[:rows - 1], jnp.zeros((1,), coeffs.dtype)]), basis)
-  vector = _normalize(combine(vecs[:, _select(thetas, which)]), v0)
-  restart = vector
-  if which == "magnitude":  # keep both ends of the spectrum alive
-    ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
-    restart = _normalize(combine(ends), vector)
-  return vector, restart, theta, residual, j, done
+  state = (start, vector, zero, zero, steps, jnp.zeros((), bool))
+  _, vector, theta, residual, it, converged = lax.while_loop(
+      lambda st: jnp.logical_and(~st[5], st[4] < num_iters), body, state)
+  return vector, theta, residual, it, converged
 
 
 def lanczos_core(matvec, init, *, num_iters, tol, krylov_dim=None, which="largest",
@@ -227,61 +187,34 @@ def lanczos_core(matvec, init, *, num_iters, tol, krylov_dim=None, which="larges
   stopping rule) only when they have not converged; ``None`` (or at least the
   basis size): no screen.
   """
-  # The Krylov basis is one `(m + 1, P)` array: vectors are ravelled at the
-  # operator boundary only, so reorthogonalisation is one matrix product (and
-  # compiles far faster than per-leaf products); the operator sees pytrees.
-  flat_init, unravel = ravel_pytree(init)
-  flat_matvec = lambda u: ravel_pytree(matvec(unravel(u)))[0]
-  m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), flat_init.shape[0]))
-  run = lambda start, budget: _flat_lanczos(flat_matvec, start, num_iters=budget, tol=tol,
-                                            krylov_dim=m, which=which)
+  size = sum(a.size for a in jax.tree.leaves(init))
+  m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), size))
   if screen_dim is None or screen_dim >= min(m, num_iters):
-    result = run(flat_init, num_iters)
-    return dataclasses.replace(result, vector=unravel(result.vector))
+    # The Krylov basis is one `(m + 1, P)` array: vectors are ravelled at the
+    # operator boundary only, so reorthogonalisation is one matrix product (and
+    # compiles far faster than per-leaf products); the operator sees pytrees.
+    flat_init, unravel = ravel_pytree(init)
+    flat_matvec = lambda u: [ravel_pytree(matvec(unravel(u[0])))[0]]
+    cycle = lambda start, budget: _cycle(flat_matvec, start, rows=m + 1, m=m, budget=budget,
+                                         tol=tol, which=which)
+    v0 = _unit([flat_init], [flat_init])
+    vector, theta, residual, j, done = _restarted(cycle, v0, v0, jnp.zeros((), jnp.int32),
+                                                  num_iters)
+    return EigResult(value=theta, vector=unravel(vector[0]), iterations=j, converged=done,
+                     residual=residual)
   # Screen: the first steps with a small basis; restarted Lanczos with the
   # full one from their Ritz vector only when they have not converged. Both
   # on pytrees: ravelling vectors at every product costs more than a product
   # on CPU (the flat basis above compiles faster, for the plain run).
   leaves, treedef = jax.tree.flatten(init)
-  v0 = _tree_unit(leaves, leaves)
-  cycle = lambda start, rows, budget: _tree_cycle(
-      matvec, start, treedef, rows=rows, m=m, budget=budget, tol=tol, which=which)
-  vector, restart, theta, residual, j, done = cycle(v0, screen_dim + 1, num_iters)
-  zero = jnp.zeros((), theta.dtype)
-
-  def refine():
-    def body(state):
-      start, _, _, _, it, _ = state
-      vector, restart, theta, residual, steps, done = cycle(start, m + 1, num_iters - it)
-      return restart, vector, theta, residual, it + steps, done
-
-    state = (restart, vector, zero, zero, j, jnp.zeros((), bool))
-    _, vector_r, theta_r, residual_r, it, converged = lax.while_loop(
-        lambda st: jnp.logical_and(~st[5], st[4] < num_iters), body, state)
-    return vector_r, theta_r, residual_r, it, converged
-
+  tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
+  cycle = lambda start, rows, budget: _cycle(tree_matvec, start, rows=rows, m=m, budget=budget,
+                                             tol=tol, which=which)
+  vector, restart, theta, residual, j, done = cycle(_unit(leaves, leaves), screen_dim + 1,
+                                                    num_iters)
   vector, theta, residual, j, done = lax.cond(
-      done | (j >= num_iters), lambda: (vector, theta, residual, j, done), refine)
+      done | (j >= num_iters), lambda: (vector, theta, residual, j, done),
+      lambda: _restarted(lambda start, budget: cycle(start, m + 1, budget), restart, vector, j,
+                         num_iters))
   return EigResult(value=theta, vector=jax.tree.unflatten(treedef, vector), iterations=j,
                    converged=done, residual=residual)
-
-
-def _flat_lanczos(matvec, init, *, num_iters, tol, krylov_dim, which) -> EigResult:
-  m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), init.shape[0]))
-  v0 = _normalize(init, init)
-  zero = jnp.zeros((), v0.dtype)
-
-  def cond_fun(state):
-    _, _, _, _, it, converged = state
-    return jnp.logical_and(~converged, it < num_iters)
-
-  def body_fun(state):
-    start, _, _, _, it, _ = state
-    vector, restart, theta, residual, steps, done = _lanczos_cycle(
-        matvec, start, m=m, budget=num_iters - it, tol=tol, which=which)
-    return restart, vector, theta, residual, it + steps, done
-
-  init_state = (v0, v0, zero, zero, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-  _, vector, theta, residual, it, converged = lax.while_loop(cond_fun, body_fun, init_state)
-  return EigResult(value=theta, vector=vector, iterations=it, converged=converged,
-                   residual=residual)
