@@ -5,9 +5,10 @@ on a matvec callable over pytrees. A cycle builds an orthonormal Krylov basis
 ``V`` (reorthogonalised twice per step) and the tridiagonal ``T = Vᵀ A V``;
 the Ritz value of ``T`` selected by ``which`` estimates the eigenvalue, with
 residual ``β_j |y_j|``, and the next cycle restarts from the selected Ritz
-vector. One cycle serves both runs: the plain run holds its basis as one
-``(m + 1, P)`` array (vectors ravelled at the operator boundary), the
-screened run (``screen_dim``) per pytree leaf.
+vector. One cycle (compiled once per run) serves every cycle of both runs:
+the plain run holds its basis as one ``(m + 1, P)`` array (vectors ravelled
+at the operator boundary), the screened run (``screen_dim``: a short first
+cycle) per pytree leaf. A cycle reads only the rows it has filled.
 """
 
 from __future__ import annotations
@@ -96,21 +97,21 @@ def _lanczos_ritz(alpha, beta, j, a, b, tol, which) -> tuple:
   return alpha, beta, done, theta, residual, breakdown
 
 
-def _cycle(matvec: Callable, v0: list, *, rows: int, m: int, budget: jax.Array, tol: float,
+def _cycle(matvec: Callable, v0: list, *, m: int, budget: jax.Array, tol: float,
            which: str) -> tuple:
-  """At most ``rows - 1`` Lanczos steps from the unit vector ``v0``, then its Ritz vectors.
+  """At most ``min(m, budget)`` Lanczos steps from the unit vector ``v0``, then its Ritz vectors.
 
   Vectors are lists of arrays (the leaves of a pytree, or one flat array) and
   ``matvec`` maps such a list to one; the basis is held per leaf as
-  ``(rows, *leaf)`` arrays whose rows beyond ``j`` are zero, and every new
-  vector is reorthogonalised against it twice ("twice is enough"). Returns
+  ``(m + 1, *leaf)`` arrays of which only the first ``j + 1`` rows are
+  filled, read and combined (a loop over those rows: a short run costs what
+  its own basis costs, whatever ``m``), and every new vector is
+  reorthogonalised against them twice ("twice is enough"). Returns
   ``(vector, restart, theta, residual, j, done)``: the selected Ritz vector,
   the vector to restart from, its Ritz value and residual ``β_j |y_j|``, the
   steps taken and whether the stopping rule (or a breakdown) was met.
   """
-  rows_dot = lambda basis, u: sum(
-      jnp.tensordot(b, a, axes=a.ndim, precision=_HIGHEST) for b, a in zip(basis, u))
-  combine = lambda c, basis: [jnp.tensordot(c, b, axes=1, precision=_HIGHEST) for b in basis]
+  rows = m + 1
 
   def body(state):
     basis, v, alpha, beta, j, _, _, _ = state
@@ -120,8 +121,8 @@ def _cycle(matvec: Callable, v0: list, *, rows: int, m: int, budget: jax.Array, 
     w = [x - a * y - beta_prev * lax.dynamic_index_in_dim(z, jnp.maximum(j - 1, 0),
                                                            keepdims=False)
          for x, y, z in zip(w, v, basis)]
-    w = lax.fori_loop(0, 2, lambda _, u: [x - y for x, y in zip(
-        u, combine(rows_dot(basis, u), basis))], w)
+    w = lax.fori_loop(0, 2, lambda _, u: _combine(-_rows_dot(basis, u, j + 1), basis, j + 1, u),
+                      w)
     b = jnp.sqrt(_dot_leaves(w, w))
     alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol,
                                                                   which)
@@ -132,7 +133,7 @@ def _cycle(matvec: Callable, v0: list, *, rows: int, m: int, budget: jax.Array, 
 
   def cond(state):
     _, _, _, _, j, done, _, _ = state
-    return jnp.logical_and(~done, jnp.logical_and(j < rows - 1, j < budget))
+    return jnp.logical_and(~done, jnp.logical_and(j < m, j < budget))
 
   dtype = v0[0].dtype
   basis = [jnp.zeros((rows,) + a.shape, a.dtype).at[0].set(a) for a in v0]
@@ -140,15 +141,29 @@ def _cycle(matvec: Callable, v0: list, *, rows: int, m: int, budget: jax.Array, 
   state = (basis, v0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero, zero)
   basis, _, alpha, beta, j, done, theta, residual = lax.while_loop(cond, body, state)
   thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-  # Combinations of the first rows, as products with the whole basis and a
-  # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
-  coeffs = lambda y: jnp.concatenate([y[:rows - 1], jnp.zeros((1,), y.dtype)])
-  vector = _unit(combine(coeffs(vecs[:, _select(thetas, which)]), basis), v0)
+  zero_vector = [jnp.zeros_like(a) for a in v0]
+  ritz = lambda y: _combine(y, basis, j, zero_vector)  # rows j.. of y are padding
+  vector = _unit(ritz(vecs[:, _select(thetas, which)]), v0)
   restart = vector
   if which == "magnitude":  # keep both ends of the spectrum alive
-    ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
-    restart = _unit(combine(coeffs(ends), basis), vector)
+    restart = _unit(ritz(vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]), vector)
   return vector, restart, theta, residual, j, done
+
+
+def _rows_dot(basis: list, u: list, count: jax.Array) -> jax.Array:
+  """``c`` with ``c_r = ⟨basis_r, u⟩`` for the first ``count`` rows, 0 beyond."""
+  def body(r, c):
+    return c.at[r].set(_dot_leaves([lax.dynamic_index_in_dim(b, r, keepdims=False)
+                                    for b in basis], u))
+  return lax.fori_loop(0, count, body, jnp.zeros(basis[0].shape[:1], u[0].dtype))
+
+
+def _combine(c: jax.Array, basis: list, count: jax.Array, acc: list) -> list:
+  """``acc + Σ_{r < count} c_r basis_r``."""
+  def body(r, acc):
+    return [x + c[r] * lax.dynamic_index_in_dim(b, r, keepdims=False)
+            for x, b in zip(acc, basis)]
+  return lax.fori_loop(0, count, body, acc)
 
 
 def _dot_leaves(u: list, w: list) -> jax.Array:
@@ -160,19 +175,20 @@ def _unit(v: list, fallback: list) -> list:
   return [jnp.where(norm > 0, a / jnp.where(norm > 0, norm, 1.0), f) for a, f in zip(v, fallback)]
 
 
-def _restarted(cycle: Callable, start: list, vector: list, steps: jax.Array,
-               num_iters: int) -> tuple:
-  """Cycles restarted from ``start`` until one converges or ``num_iters`` products
-  (``steps`` of them already spent) are used: ``(vector, theta, residual, steps,
-  converged)``; ``vector`` is returned as it is when no cycle runs."""
-  zero = jnp.zeros((), start[0].dtype)
+def _restarted(cycle: Callable, v0: list, num_iters: int, first_budget: int | None) -> tuple:
+  """Cycles restarted from ``v0`` until one converges or ``num_iters`` products are
+  used: ``(vector, theta, residual, steps, converged)``. ``first_budget`` caps the
+  first cycle (the screen); the later ones get what is left of ``num_iters``."""
+  zero = jnp.zeros((), v0[0].dtype)
+  first = num_iters if first_budget is None else min(first_budget, num_iters)
 
   def body(state):
     start, _, _, _, it, _ = state
-    vector, restart, theta, residual, taken, done = cycle(start, num_iters - it)
+    budget = jnp.where(it == 0, first, num_iters - it)
+    vector, restart, theta, residual, taken, done = cycle(start, budget)
     return restart, vector, theta, residual, it + taken, done
 
-  state = (start, vector, zero, zero, steps, jnp.zeros((), bool))
+  state = (v0, v0, zero, zero, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
   _, vector, theta, residual, it, converged = lax.while_loop(
       lambda st: jnp.logical_and(~st[5], st[4] < num_iters), body, state)
   return vector, theta, residual, it, converged
@@ -182,39 +198,29 @@ def lanczos_core(matvec, init, *, num_iters, tol, krylov_dim=None, which="larges
                  screen_dim=None) -> EigResult:
   """:func:`ntk_diag.spectral.lanczos` without validation, on a matvec callable.
 
-  ``screen_dim``: at most ``screen_dim`` first steps with a small basis,
-  continued from their Ritz vector (restarted, full basis, same budget and
-  stopping rule) only when they have not converged; ``None`` (or at least the
-  basis size): no screen.
+  ``screen_dim``: a first cycle of at most ``screen_dim`` steps, restarted
+  (same basis size, budget and stopping rule) from its Ritz vector only when
+  it has not converged; vectors stay pytrees (ravelling them at every
+  product costs more than a product on CPU at a few steps). ``None`` (or at
+  least the basis size): no screen, vectors ravelled to one flat array.
+  Either way one cycle is compiled.
   """
   size = sum(a.size for a in jax.tree.leaves(init))
   m = max(1, min(krylov_dim or min(num_iters, DEFAULT_KRYLOV_DIM), size))
+  cycle = lambda operator, start, budget: _cycle(operator, start, m=m, budget=budget, tol=tol,
+                                                  which=which)
   if screen_dim is None or screen_dim >= min(m, num_iters):
-    # The Krylov basis is one `(m + 1, P)` array: vectors are ravelled at the
-    # operator boundary only, so reorthogonalisation is one matrix product (and
-    # compiles far faster than per-leaf products); the operator sees pytrees.
     flat_init, unravel = ravel_pytree(init)
     flat_matvec = lambda u: [ravel_pytree(matvec(unravel(u[0])))[0]]
-    cycle = lambda start, budget: _cycle(flat_matvec, start, rows=m + 1, m=m, budget=budget,
-                                         tol=tol, which=which)
     v0 = _unit([flat_init], [flat_init])
-    vector, theta, residual, j, done = _restarted(cycle, v0, v0, jnp.zeros((), jnp.int32),
-                                                  num_iters)
+    vector, theta, residual, j, done = _restarted(
+        lambda start, budget: cycle(flat_matvec, start, budget), v0, num_iters, None)
     return EigResult(value=theta, vector=unravel(vector[0]), iterations=j, converged=done,
                      residual=residual)
-  # Screen: the first steps with a small basis; restarted Lanczos with the
-  # full one from their Ritz vector only when they have not converged. Both
-  # on pytrees: ravelling vectors at every product costs more than a product
-  # on CPU (the flat basis above compiles faster, for the plain run).
   leaves, treedef = jax.tree.flatten(init)
   tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
-  cycle = lambda start, rows, budget: _cycle(tree_matvec, start, rows=rows, m=m, budget=budget,
-                                             tol=tol, which=which)
-  vector, restart, theta, residual, j, done = cycle(_unit(leaves, leaves), screen_dim + 1,
-                                                    num_iters)
-  vector, theta, residual, j, done = lax.cond(
-      done | (j >= num_iters), lambda: (vector, theta, residual, j, done),
-      lambda: _restarted(lambda start, budget: cycle(start, m + 1, budget), restart, vector, j,
-                         num_iters))
+  vector, theta, residual, j, done = _restarted(
+      lambda start, budget: cycle(tree_matvec, start, budget), _unit(leaves, leaves), num_iters,
+      screen_dim)
   return EigResult(value=theta, vector=jax.tree.unflatten(treedef, vector), iterations=j,
                    converged=done, residual=residual)

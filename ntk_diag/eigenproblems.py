@@ -168,11 +168,14 @@ class Problems:
       problem ``p`` (a traced index) from ``start``, one of ``solve_all``'s vectors.
     output: ``Solved -> NormEstimate.vector``: leaves ``(n, k, *leaf.shape)``,
       or :class:`~ntk_diag.block_hessian.LowRankVectors` with batch axes ``(n, k)``.
+    traced_iters: ``solve_all`` takes a traced iteration count (power
+      iteration: the count only bounds its loop).
   """
   count: int
   solve_all: Callable[[int, bool], Solved]
   solve_one: Callable[[jax.Array, Any, int], tuple]
   output: Callable[[Solved], PyTree]
+  traced_iters: bool = False
 
 
 def hessian_problems(apply_fn: Callable, params: PyTree, x: PyTree, n: int, k: int,
@@ -221,7 +224,8 @@ def dense_hessian_problems(apply_fn: Callable, params: PyTree, x: PyTree, n: int
     return jax.tree.map(lambda a: a.reshape((n, k) + a.shape[1:]), solved.vectors)
 
   return Problems(count=n * k, solve_all=solve_all, output=output,
-                  solve_one=lambda p, start, iters: solve(examples[p], outputs[p], start, iters))
+                  solve_one=lambda p, start, iters: solve(examples[p], outputs[p], start, iters),
+                  traced_iters=options.method == "power")
 
 
 def factored_hessian_problems(layout: block_hessian.Layout, params: PyTree, x: PyTree, n: int,
@@ -292,7 +296,8 @@ def factored_hessian_problems(layout: block_hessian.Layout, params: PyTree, x: P
     return _dense_vectors(layout, params, vectors, solved.kept, shared,
                           batched if dense_starts else None)
 
-  return Problems(count=n * k, solve_all=solve_all, solve_one=solve_one, output=output)
+  return Problems(count=n * k, solve_all=solve_all, solve_one=solve_one, output=output,
+                  traced_iters=True)
 
 
 def screen_and_refine(problems: Problems, init_values: jax.Array, *,
@@ -304,8 +309,9 @@ def screen_and_refine(problems: Problems, init_values: jax.Array, *,
      lower bound);
   2. refine: with ``b = argmax_p σ_p`` and ``μ = init_values``, every problem
      with ``μ_p >= μ_b`` (ranked at least as high as ``b`` last time, ``b``
-     included) gets the full solver (``num_iters``) from its screened
-     vector, giving ``ρ_p``.
+     included) gets the full solver (``num_iters``) from its screened vector,
+     giving ``ρ_p`` (even where the screen met its tolerance: from a stale
+     vector it can converge to a lower eigenvalue).
 
   Then ``values[p] = max(σ_p, ρ_p)`` (``σ_p`` where not refined), a lower
   bound like every estimate here. When the ranking is stable only ``b`` is
@@ -314,16 +320,22 @@ def screen_and_refine(problems: Problems, init_values: jax.Array, *,
   the parameters but its eigenvector need not: where two top eigenvalues of
   ``H_p`` cross between calls, the warm vector follows the one that fell,
   ``σ_p`` drops far below ``‖H_p‖₂`` and only the refinement (more
-  iterations) recovers it. ``iterations`` and ``converged`` describe the
-  refined solves; ``vectors`` are the screened ones (``n·k``
-  parameter-sized vectors), refined where refined.
+  iterations) recovers it. ``init_values = inf`` everywhere (no previous
+  call) solves every problem in full: with ``problems.traced_iters`` in the
+  screen's own loop, given ``num_iters`` instead of ``s`` (one solver loop
+  compiled, every problem batched), else by refining each. ``iterations``
+  and ``converged`` describe the problems solved in full; ``vectors`` are
+  the screened ones (``n·k`` parameter-sized vectors), refined where refined.
   """
   count = problems.count
-  screened = problems.solve_all(min(screen_iters, num_iters), True)
   prior = jnp.reshape(init_values, (count,))
+  screen = min(screen_iters, num_iters)
+  cold = jnp.all(jnp.isinf(prior)) if problems.traced_iters else jnp.zeros((), bool)
+  screened = problems.solve_all(jnp.where(cold, num_iters, screen) if problems.traced_iters
+                                else screen, True)
   best = jnp.argmax(screened.values)
   # `| (p == best)`: `best` is refined even where the prior holds NaN.
-  chosen = (prior >= prior[best]) | (jnp.arange(count) == best)
+  chosen = ((prior >= prior[best]) | (jnp.arange(count) == best)) & ~cold
   order = jnp.argsort(~chosen, stable=True)  # the chosen problems first
 
   def refine(j, state):  # one chosen problem, updated in place
@@ -337,9 +349,10 @@ def screen_and_refine(problems: Problems, init_values: jax.Array, *,
 
   # A loop over the chosen problems only: a second map over all of them
   # costs a copy of every vector, as much as an iteration on CPU.
+  its0 = jnp.where(cold, jnp.max(screened.iterations), 0).astype(jnp.int32)
+  conv0 = jnp.where(cold, jnp.all(screened.converged), True)
   values, its, conv, vectors = lax.fori_loop(
-      0, jnp.sum(chosen), refine,
-      (screened.values, jnp.zeros((), jnp.int32), jnp.ones((), bool), screened.vectors))
+      0, jnp.sum(chosen), refine, (screened.values, its0, conv0, screened.vectors))
   return Solved(values, its, conv, vectors, screened.kept)
 
 

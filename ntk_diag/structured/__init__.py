@@ -38,6 +38,7 @@ kernel function or per compiled core.
 
 from ntk_diag.structured.kernel import choose_batch_size
 from ntk_diag.structured.kernel import kernel_and_diagonal
+from ntk_diag.structured.evaluate import model_by_patches
 from ntk_diag.structured.kernel import kernel_block_fn
 from ntk_diag.structured.plan import Plan
 from ntk_diag.structured.plan import applies
@@ -49,5 +50,6 @@ __all__ = [
     "choose_batch_size",
     "kernel_and_diagonal",
     "kernel_block_fn",
+    "model_by_patches",
     "plan_or_none",
 ]

@@ -325,6 +325,11 @@ def group_dims(graph: Graph, group: Group) -> tuple[int, int, int, int]:
   return g, s_total, c + int(bool(group.bias_leaf is not None)), o
 
 
+def has_conv(plan: Plan | None) -> bool:
+  """Whether ``plan`` holds a structured convolution."""
+  return plan is not None and any(u.kind == "conv" for g in plan.groups for u in g.uses)
+
+
 def applies(apply_fn: Callable, params: PyTree, x: PyTree) -> bool:
   """Whether the structured rules cover any parameter of this model."""
   return plan_or_none(apply_fn, params, x) is not None
