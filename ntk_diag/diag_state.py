@@ -63,6 +63,11 @@ class SnapshotConfig:
       stopping rule) only when their residual is above ``tol``
       (``screen_iters`` of :func:`ntk_diag.sharpness.loss_sharpness_core`).
       ``None``: no screen.
+    sharpness_krylov_dim: Krylov basis size of the sharpness's restarted
+      Lanczos run (``krylov_dim`` of
+      :func:`ntk_diag.sharpness.loss_sharpness_core`). Every cycle clears a
+      basis of that many parameter-sized vectors, so a small one keeps the
+      warm runs (a step or two) cheap; ``None``: ``min(num_iters, 32)``.
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
       when they fit in this many bytes (``norm_examples · k`` parameter-sized
@@ -76,6 +81,7 @@ class SnapshotConfig:
   tol: float = 1e-3
   hessian_screen_iters: int | None = 3
   sharpness_screen_iters: int | None = 4
+  sharpness_krylov_dim: int | None = 5
   seed: int = 0
   warm_start_bytes: int = 256 * 2**20
 
@@ -88,6 +94,8 @@ class SnapshotConfig:
     _validation.check_positive_int("hessian_screen_iters", self.hessian_screen_iters,
                                    optional=True)
     _validation.check_positive_int("sharpness_screen_iters", self.sharpness_screen_iters,
+                                   optional=True)
+    _validation.check_positive_int("sharpness_krylov_dim", self.sharpness_krylov_dim,
                                    optional=True)
 
 

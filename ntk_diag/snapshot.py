@@ -184,6 +184,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     # 1.00 on all 256 training points).
     sharp = sharpness.loss_sharpness_core(f_loop, params, x, y, loss=spec.loss,
                                           num_iters=cfg.num_iters, tol=cfg.tol,
+                                          krylov_dim=cfg.sharpness_krylov_dim,
                                           key=jax.random.key(cfg.seed + 2),
                                           init=state.sharpness_vector,
                                           screen_iters=(cfg.sharpness_screen_iters

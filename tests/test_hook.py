@@ -182,6 +182,40 @@ def test_every_logged_scalar_at_uneven_steps_matches_dense_float64(tmp_path):
   assert hook.last.step == 11
 
 
+class TinyCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(3, (3, 3))(x))
+    return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+
+def test_cnn_snapshot_matches_dense_float64(tmp_path):
+  # The solvers' loops run the CNN with its convolutions as products on
+  # patches (structured.model_by_patches): the sharpness, and every other
+  # scalar, still match the float64 Hessians of the model itself.
+  x = jax.random.normal(jax.random.key(3), (6, 5, 5, 1))
+  y = jax.nn.one_hot(jnp.arange(6) % 2, 2)
+  model = TinyCNN()
+  apply_fn, params = nd.from_linen(model, model.init(jax.random.key(4), x))
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), on_steps=[0, 3],
+                             norm_examples=3, config=EXACT, strict=True, compute_twin=False,
+                             learning_rate=LEARNING_RATE)
+  saved = _train(apply_fn, params, x, y, hook, 4)
+  logged = read_scalars(tmp_path)
+  theta0 = nd.load_initial_params(str(tmp_path), like=params)
+  prev_kernel, prev_step = None, 0
+  for step, (p, _) in sorted(saved.items()):
+    expected, kernel = reference_scalars(apply_fn, p, theta0, x, y, m=3,
+                                         prev=(prev_kernel, max(step - prev_step, 1)))
+    for name in ("twin_gap", "kernel_velocity") if step == 0 else ("twin_gap",):
+      expected.pop(name)
+    at_step = {tag[len("ntk_diag/"):]: values[step] for tag, values in logged.items()
+               if step in values}
+    _check(at_step, expected, step)
+    prev_kernel, prev_step = kernel, step
+  assert sorted(saved) == [0, 3]
+
+
 def test_screened_default_norms_within_two_percent_of_dense(tmp_path):
   # The defaults: power iteration, 20 iterations at tol 1e-3, a screened
   # Hessian, norms over the first 16 of 20 probe points.

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 import ntk_diag as nd
 from models import MLP
@@ -236,3 +237,29 @@ def test_kernel_and_diagonal_blocks(method):
   assert_close_fro(kernel, dense_ntk(apply_fn, params, x1, trace_outputs=True))
   full = dense_ntk(apply_fn, params, x1)
   assert_close_fro(diagonal, np.stack([full[i, i] for i in range(3)]))
+
+
+@pytest.mark.parametrize("module,shape", [
+    (CNN(), (3, 6, 6, 2)),
+    (CNN(padding="VALID", strides=2, groups=2), (3, 7, 7, 2)),
+    (ConvMix(), (3, 5, 2)),
+])
+def test_model_by_patches_has_the_values_and_hessian_of_the_model(module, shape):
+  # Reference: jax.hessian of a scalar of the model's own outputs, on the ravelled
+  # parameters (convolutions and their transposes as XLA runs them).
+  x = _inputs(shape)
+  apply_fn, params = _linen(module, x)
+  patched = structured.model_by_patches(apply_fn, params, x)
+  assert patched is not apply_fn
+  np.testing.assert_allclose(patched(params, x), apply_fn(params, x), rtol=1e-5, atol=1e-5)
+  flat, unravel = ravel_pytree(params)
+  scalar = lambda f: lambda q: jnp.sum(jnp.sin(f(unravel(q), x)))
+  expected = np.asarray(jax.hessian(scalar(apply_fn))(flat))
+  actual = np.asarray(jax.hessian(scalar(patched))(flat))
+  assert np.linalg.norm(actual - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+def test_model_by_patches_leaves_models_without_convolutions_alone():
+  x = _inputs((3, 4))
+  apply_fn, params = _linen(MLP(), x)
+  assert structured.model_by_patches(apply_fn, params, x) is apply_fn
