@@ -7,7 +7,8 @@ the Ritz value of ``T`` selected by ``which`` estimates the eigenvalue, with
 residual ``β_j |y_j|``, and the next cycle restarts from the selected Ritz
 vector. One cycle (compiled once per run) serves every cycle, the screen
 (``screen_dim``: a short first cycle) included; the basis is held per pytree
-leaf, and a cycle reads only the rows it has filled.
+leaf as ``(m + 1, *leaf)`` arrays, so a small ``m`` keeps short (warm) runs
+cheap: every step reads the whole basis.
 """
 
 from __future__ import annotations
@@ -101,15 +102,16 @@ def _cycle(matvec: Callable, v0: list, *, m: int, budget: jax.Array, tol: float,
 
   Vectors are lists of arrays (the leaves of a pytree, or one flat array) and
   ``matvec`` maps such a list to one; the basis is held per leaf as
-  ``(m + 1, *leaf)`` arrays of which only the first ``j + 1`` rows are
-  filled, read and combined (a loop over those rows: a short run costs what
-  its own basis costs, whatever ``m``), and every new vector is
-  reorthogonalised against them twice ("twice is enough"). Returns
+  ``(m + 1, *leaf)`` arrays whose rows beyond ``j`` are zero, and every new
+  vector is reorthogonalised against it twice ("twice is enough"). Returns
   ``(vector, restart, theta, residual, j, done)``: the selected Ritz vector,
   the vector to restart from, its Ritz value and residual ``β_j |y_j|``, the
   steps taken and whether the stopping rule (or a breakdown) was met.
   """
   rows = m + 1
+  rows_dot = lambda basis, u: sum(
+      jnp.tensordot(b, a, axes=a.ndim, precision=_HIGHEST) for b, a in zip(basis, u))
+  combine = lambda c, basis: [jnp.tensordot(c, b, axes=1, precision=_HIGHEST) for b in basis]
 
   def body(state):
     basis, v, alpha, beta, j, _, _, _ = state
@@ -119,8 +121,8 @@ def _cycle(matvec: Callable, v0: list, *, m: int, budget: jax.Array, tol: float,
     w = [x - a * y - beta_prev * lax.dynamic_index_in_dim(z, jnp.maximum(j - 1, 0),
                                                            keepdims=False)
          for x, y, z in zip(w, v, basis)]
-    w = lax.fori_loop(0, 2, lambda _, u: _combine(-_rows_dot(basis, u, j + 1), basis, j + 1, u),
-                      w)
+    w = lax.fori_loop(0, 2, lambda _, u: [x - y for x, y in zip(
+        u, combine(rows_dot(basis, u), basis))], w)
     b = jnp.sqrt(_dot_leaves(w, w))
     alpha, beta, done, theta, residual, breakdown = _lanczos_ritz(alpha, beta, j, a, b, tol,
                                                                   which)
@@ -131,7 +133,7 @@ def _cycle(matvec: Callable, v0: list, *, m: int, budget: jax.Array, tol: float,
 
   def cond(state):
     _, _, _, _, j, done, _, _ = state
-    return jnp.logical_and(~done, jnp.logical_and(j < m, j < budget))
+    return jnp.logical_and(~done, jnp.logical_and(j < rows - 1, j < budget))
 
   dtype = v0[0].dtype
   basis = [jnp.zeros((rows,) + a.shape, a.dtype).at[0].set(a) for a in v0]
@@ -139,29 +141,15 @@ def _cycle(matvec: Callable, v0: list, *, m: int, budget: jax.Array, tol: float,
   state = (basis, v0, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), zero, zero)
   basis, _, alpha, beta, j, done, theta, residual = lax.while_loop(cond, body, state)
   thetas, vecs = jnp.linalg.eigh(_tridiagonal(alpha, beta, j, which))
-  zero_vector = [jnp.zeros_like(a) for a in v0]
-  ritz = lambda y: _combine(y, basis, j, zero_vector)  # rows j.. of y are padding
-  vector = _unit(ritz(vecs[:, _select(thetas, which)]), v0)
+  # Combinations of the first rows, as products with the whole basis and a
+  # zero last coefficient: slicing `basis[:rows - 1]` would copy them.
+  coeffs = lambda y: jnp.concatenate([y[:rows - 1], jnp.zeros((1,), y.dtype)])
+  vector = _unit(combine(coeffs(vecs[:, _select(thetas, which)]), basis), v0)
   restart = vector
   if which == "magnitude":  # keep both ends of the spectrum alive
-    restart = _unit(ritz(vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]), vector)
+    ends = vecs[:, jnp.argmax(thetas)] + vecs[:, jnp.argmin(thetas)]
+    restart = _unit(combine(coeffs(ends), basis), vector)
   return vector, restart, theta, residual, j, done
-
-
-def _rows_dot(basis: list, u: list, count: jax.Array) -> jax.Array:
-  """``c`` with ``c_r = ⟨basis_r, u⟩`` for the first ``count`` rows, 0 beyond."""
-  def body(r, c):
-    return c.at[r].set(_dot_leaves([lax.dynamic_index_in_dim(b, r, keepdims=False)
-                                    for b in basis], u))
-  return lax.fori_loop(0, count, body, jnp.zeros(basis[0].shape[:1], u[0].dtype))
-
-
-def _combine(c: jax.Array, basis: list, count: jax.Array, acc: list) -> list:
-  """``acc + Σ_{r < count} c_r basis_r``."""
-  def body(r, acc):
-    return [x + c[r] * lax.dynamic_index_in_dim(b, r, keepdims=False)
-            for x, b in zip(acc, basis)]
-  return lax.fori_loop(0, count, body, acc)
 
 
 def _dot_leaves(u: list, w: list) -> jax.Array:

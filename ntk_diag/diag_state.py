@@ -81,7 +81,7 @@ class SnapshotConfig:
   tol: float = 1e-3
   hessian_screen_iters: int | None = 3
   sharpness_screen_iters: int | None = 4
-  sharpness_krylov_dim: int | None = 5
+  sharpness_krylov_dim: int | None = 8
   seed: int = 0
   warm_start_bytes: int = 256 * 2**20
 
