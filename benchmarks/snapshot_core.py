@@ -55,6 +55,7 @@ from ntk_diag import diag_state  # noqa: E402
 from ntk_diag import norms as norms_lib  # noqa: E402
 from ntk_diag import ntk as ntk_lib  # noqa: E402
 from ntk_diag import snapshot as snapshot_lib  # noqa: E402
+from ntk_diag import structured  # noqa: E402
 
 NORM_EXAMPLES = 16
 MODELS = {  # name -> (probe points, training batch)
@@ -147,8 +148,11 @@ def run(name: str, repeats: int = 5) -> dict:
   from ntk_diag import sharpness as sharpness_lib
 
   def sharpness_fn(p, x, y, init, screen):
-    return sharpness_lib.loss_sharpness_core(apply_fn, p, x, y, num_iters=cfg.num_iters,
-                                             tol=cfg.tol, init=init, screen_iters=screen)
+    # The model as the snapshot's loops see it; with the screen, its Krylov basis.
+    model = structured.model_by_patches(apply_fn, p, x)
+    return sharpness_lib.loss_sharpness_core(
+        model, p, x, y, num_iters=cfg.num_iters, tol=cfg.tol, init=init, screen_iters=screen,
+        krylov_dim=None if screen is None else cfg.sharpness_krylov_dim)
 
   opt, train_step = _timing.sgd_classifier_step(apply_fn, pool, labels, batch)
 

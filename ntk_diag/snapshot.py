@@ -123,12 +123,14 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
 
   grams = None
   if spec.compute_ntk:
-    kernel, grams = _kernel(spec, params, x, model_state, k)
+    with jax.named_scope("ntk"):  # group names in profiles (XLA op names)
+      kernel, grams = _kernel(spec, params, x, model_state, k)
     kernel0 = jnp.where(init & ~state.kernel0_restored, kernel, state.kernel0)
     prev_kernel = jnp.where(init, kernel0, state.prev_kernel)
     prev_step = jnp.where(init, step, state.prev_step)
     targets = y.reshape(n, -1) if spec.alignment else None
-    stats = kernel_stats(kernel, K0=kernel0, y=targets, top_k=_layout.matrix_size(kernel))
+    with jax.named_scope("kernel_stats"):
+      stats = kernel_stats(kernel, K0=kernel0, y=targets, top_k=_layout.matrix_size(kernel))
     for name in ("trace", "eig_max", "eig_min", "condition_number"):
       metrics[f"ntk_{name}"] = stats[name]
     for name in ("kernel_drift", "kernel_distance", "kernel_alignment"):
@@ -163,17 +165,19 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
                                      init=state.jacobian_vectors)
     else:  # exact, from the NTK pass (what jacobian_norm_core computes for k ≤ 64)
       jac = norms.jacobian_norm_from_grams(grams)
-    hess = norms.hessian_norm_core(f, params, x_m, options, key=key_hess,
-                                   init=state.hessian_vectors, init_values=state.hessian_values)
+    with jax.named_scope("hessian_norm"):
+      hess = norms.hessian_norm_core(f, params, x_m, options, key=key_hess,
+                                     init=state.hessian_vectors, init_values=state.hessian_values)
     metrics["jacobian_norm"] = jac.value
     metrics["hessian_norm"] = hess.value
     metrics["kappa"] = norms.kappa(hess.value, jac.value, metrics["residual_norm"])
     # The radius needs θ0's σ_min and Hessian norm: computed at the first
     # snapshot (which is at θ0), then carried in the state.
-    sigma_min0 = lax.cond(
-        init, lambda: radius.jacobian_sigma_min_core(f, params, x_m, ntk_method=cfg.ntk_method,
-                                                     batch_size=cfg.ntk_batch_size),
-        lambda: jnp.zeros((), hess.value.dtype))
+    with jax.named_scope("sigma_min"):
+      sigma_min0 = lax.cond(
+          init, lambda: radius.jacobian_sigma_min_core(f, params, x_m, ntk_method=cfg.ntk_method,
+                                                       batch_size=cfg.ntk_batch_size),
+          lambda: jnp.zeros((), hess.value.dtype))
     lazy_radius = jnp.where(init, radius.radius_from_norms(sigma_min0, hess.value),
                             state.lazy_radius)
     metrics["lazy_radius"] = lazy_radius
@@ -182,13 +186,14 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     # Sharpness on every probe point: on a few points the mean loss's Hessian
     # overweights its diagonal (η·sharpness 2.45 on 4 of the demo's points vs
     # 1.00 on all 256 training points).
-    sharp = sharpness.loss_sharpness_core(f_loop, params, x, y, loss=spec.loss,
-                                          num_iters=cfg.num_iters, tol=cfg.tol,
-                                          krylov_dim=cfg.sharpness_krylov_dim,
-                                          key=jax.random.key(cfg.seed + 2),
-                                          init=state.sharpness_vector,
-                                          screen_iters=(cfg.sharpness_screen_iters
-                                                        if spec.warm_start else None))
+    with jax.named_scope("sharpness"):
+      sharp = sharpness.loss_sharpness_core(f_loop, params, x, y, loss=spec.loss,
+                                            num_iters=cfg.num_iters, tol=cfg.tol,
+                                            krylov_dim=cfg.sharpness_krylov_dim,
+                                            key=jax.random.key(cfg.seed + 2),
+                                            init=state.sharpness_vector,
+                                            screen_iters=(cfg.sharpness_screen_iters
+                                                          if spec.warm_start else None))
     metrics["sharpness"] = sharp.value
     if spec.learning_rate is not None:
       metrics["sharpness_lr"] = spec.learning_rate * sharp.value
@@ -197,17 +202,18 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
                      hessian_values=hess.per_problem, sharpness_vector=sharp.vector)
 
   if spec.compute_twin:
-    f_theta0 = spec.model(state.model_state0)
-    twin_out = linearize(f_theta0, state.theta0)(params, x)
-    moved = jnp.linalg.norm((outputs - f0).reshape(-1))
-    metrics["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin_out).reshape(-1)), moved)
-    zero = jnp.zeros((), moved.dtype)
-    distances = lax.cond(
-        has_twin,
-        lambda: twin.twin_distances(f_theta0, state.theta0, params, twin_params, x,
-                                    outputs=outputs, outputs0=f0),
-        lambda: {"twin_distance": zero, "twin_param_distance": zero})
-    metrics.update(distances)
+    with jax.named_scope("twin"):
+      f_theta0 = spec.model(state.model_state0)
+      twin_out = linearize(f_theta0, state.theta0)(params, x)
+      moved = jnp.linalg.norm((outputs - f0).reshape(-1))
+      metrics["twin_gap"] = safe_div(jnp.linalg.norm((outputs - twin_out).reshape(-1)), moved)
+      zero = jnp.zeros((), moved.dtype)
+      distances = lax.cond(
+          has_twin,
+          lambda: twin.twin_distances(f_theta0, state.theta0, params, twin_params, x,
+                                      outputs=outputs, outputs0=f0),
+          lambda: {"twin_distance": zero, "twin_param_distance": zero})
+      metrics.update(distances)
 
   scalars = [v for name, v in metrics.items() if name != "eigenvalues"]
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in scalars]))
