@@ -195,8 +195,7 @@ def linearize(layout: Layout, param_vals: list, x_leaves: list, output: jax.Arra
   plan = layout.plan
   graph = plan.graph
   dtype = jnp.result_type(*param_vals)
-  fb0 = [param_vals[leaf] for leaf in plan.fallback]
-  eps0 = [jnp.zeros(graph.shapes[graph.records[r].outs[0]], dtype) for r in plan.perturbed]
+  _, fb0, eps0 = structured_eval.forward_arguments(plan, param_vals)
   beta0 = [jnp.zeros((g, structured_eval.use_positions(graph, u), c), dtype)
            for group, (g, c, _) in zip(plan.groups, layout.dims) for u in group.uses]
 
