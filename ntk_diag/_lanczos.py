@@ -100,8 +100,8 @@ def _cycle(matvec: Callable, v0: list, *, m: int, budget: jax.Array, tol: float,
            which: str) -> tuple:
   """At most ``min(m, budget)`` Lanczos steps from the unit vector ``v0``, then its Ritz vectors.
 
-  Vectors are lists of arrays (the leaves of a pytree, or one flat array) and
-  ``matvec`` maps such a list to one; the basis is held per leaf as
+  Vectors are lists of arrays (the leaves of a pytree) and ``matvec`` maps
+  such a list to one; the basis is held per leaf as
   ``(m + 1, *leaf)`` arrays whose rows beyond ``j`` are zero, and every new
   vector is reorthogonalised against it twice ("twice is enough"). Returns
   ``(vector, restart, theta, residual, j, done)``: the selected Ritz vector,

@@ -59,6 +59,7 @@ from ntk_diag import structured
 from ntk_diag import twin
 from ntk_diag.diag_state import DiagState
 from ntk_diag.diag_state import SnapshotSpec
+from ntk_diag.diag_state import hessian_layout
 from ntk_diag.diag_state import state_shardings
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.kernel_stats import safe_div
@@ -153,9 +154,10 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   if spec.compute_norms:
     # Solver loops apply the model's derivatives: there, the model with its
     # convolutions as products on patches (same values, far faster on CPU).
-    # The Hessian's factored products do so already (and its warm-start
-    # layout is that of `f`).
+    # The factored Hessian keeps `f`: its products use patches already, and
+    # its warm-start vectors have the layout of `f`.
     f_loop = structured.model_by_patches(f, params, x_m)
+    f_hessian = f if hessian_layout(spec, params, model_state, x) is not None else f_loop
     options = norms.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
                                   return_vector=spec.warm_start,
                                   screen_iters=cfg.hessian_screen_iters)
@@ -166,7 +168,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     else:  # exact, from the NTK pass (what jacobian_norm_core computes for k ≤ 64)
       jac = norms.jacobian_norm_from_grams(grams)
     with jax.named_scope("hessian_norm"):
-      hess = norms.hessian_norm_core(f, params, x_m, options, key=key_hess,
+      hess = norms.hessian_norm_core(f_hessian, params, x_m, options, key=key_hess,
                                      init=state.hessian_vectors, init_values=state.hessian_values)
     metrics["jacobian_norm"] = jac.value
     metrics["hessian_norm"] = hess.value
