@@ -36,9 +36,9 @@ callers (:mod:`ntk_diag.ntk`, :mod:`ntk_diag.block_hessian`) make it once per
 kernel function or per compiled core.
 """
 
+from ntk_diag.structured.evaluate import model_by_patches
 from ntk_diag.structured.kernel import choose_batch_size
 from ntk_diag.structured.kernel import kernel_and_diagonal
-from ntk_diag.structured.evaluate import model_by_patches
 from ntk_diag.structured.kernel import kernel_block_fn
 from ntk_diag.structured.plan import Plan
 from ntk_diag.structured.plan import applies

@@ -4,7 +4,9 @@
 perturbations of the structured layers as arguments, and returns each layer
 use's input in canonical ``(g, s, c)`` layout; :func:`example_stats` differentiates
 it (``k`` VJPs per example, vmapped over examples, so examples never mix) for
-the per-example layer inputs ``A``, layer cotangents ``G`` and fallback Jacobians.
+the per-example layer inputs ``A``, layer cotangents ``G`` and fallback Jacobians;
+:func:`model_by_patches` is the model replayed the same way, convolutions as
+products on their patches, for the operators of solver loops.
 """
 
 from __future__ import annotations
