@@ -31,6 +31,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ntk_diag as nd
+from events import NullWriter  # tests/ is on the child's PYTHONPATH
 from ntk_diag.diag_state import SnapshotConfig
 
 assert jax.device_count() == 4, jax.devices()
@@ -95,27 +96,10 @@ def diagnostics(p, xs, ys):
   return out
 
 
-class Writer:
-  def write_scalars(self, step, scalars):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
 def hook_scalars(p, xs, ys):
   config = SnapshotConfig(num_iters=30, tol=1e-6, ntk_batch_size=3, ntk_method="structured")
   with tempfile.TemporaryDirectory() as workdir:
-    hook = nd.LazyTrainingHook(apply_fn, xs, ys, workdir=workdir, writer=Writer(),
+    hook = nd.LazyTrainingHook(apply_fn, xs, ys, workdir=workdir, writer=NullWriter(),
                                every_steps=1, strict=True, log_images=False, config=config)
     hook(0, params=p)
     hook(1, params=jax.tree.map(lambda a: 1.1 * a, p))
@@ -156,8 +140,10 @@ print("RESULT " + json.dumps({"failures": failures, "checked": checked}))
 def test_sharded_matches_single_device(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)
+  tests = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
   result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env=env, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
