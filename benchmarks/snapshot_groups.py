@@ -42,12 +42,13 @@ layout = diag_state.hessian_layout(spec, params0, None, probe_x)
 spec = dataclasses.replace(spec, warm_start=diag_state.warm_start_fits(params0, 16, 10, cfg.warm_start_bytes, layout=layout))
 state = diag_state.initial_state(spec, params0, None, probe_x, np.asarray(probe_y), step=0)
 fn = jax.jit(functools.partial(snapshot_lib._snapshot_entry, spec))
-args = (state, params0, None, np.asarray(0, np.int32), params0, np.asarray(False))
+basis = snapshot_lib.sharpness_basis(spec, params0)  # as the Snapshotter hands it
+args = (state, params0, None, np.asarray(0, np.int32), params0, np.asarray(False), basis)
 opts = dict(snapshot_lib.CPU_COMPILER_OPTIONS, xla_cpu_enable_xprof_traceme=True)
 comp = fn.lower(*args).compile(compiler_options=opts)
-s1, _ = jax.block_until_ready(comp(*args))
+s1, _, basis = jax.block_until_ready(comp(*args))
 params1 = jax.tree.map(lambda a: a * 1.01, params0)
-args2 = (s1, params1, None, np.asarray(1, np.int32), params0, np.asarray(False))
+args2 = (s1, params1, None, np.asarray(1, np.int32), params0, np.asarray(False), basis)
 for _ in range(2): jax.block_until_ready(comp(*args2))
 scope = {}
 for l in comp.as_text().splitlines():

@@ -266,21 +266,27 @@ def warm_start_fits(theta0: PyTree, norm_examples: int, k: int, budget_bytes: in
                                  hessian_vector_bytes=hessian_vector_bytes)
 
 
+def stacked_shardings(vectors: PyTree, theta0: PyTree, num_axes: int,
+                      replicated: jax.sharding.Sharding) -> PyTree:
+  """Where stacks of parameter-shaped vectors (leaves ``(b_1..b_num_axes, *leaf)``)
+  live: a committed array where it is, else sharded like its θ0 leaf with
+  unsharded stack axes; ``None`` for ``None``."""
+  if vectors is None:
+    return None
+  return jax.tree.map(
+      lambda v, t: _placement.sharding_or(v, _placement.with_batch_axes(
+          _placement.sharding_or(t, replicated), num_axes, replicated)),
+      vectors, theta0)
+
+
 def state_shardings(state: DiagState, replicated: jax.sharding.Sharding) -> DiagState:
   """Where each leaf of ``state`` lives: a committed array where it is, a
   warm-start vector (a stack of parameter-shaped arrays) sharded like its θ0
   leaf with unsharded stack axes, anything else (factored Hessian vectors
   included) on ``replicated``."""
   where = lambda leaf: _placement.sharding_or(leaf, replicated)
-  theta0 = jax.tree.map(where, state.theta0)
-
-  def stacked(vectors: PyTree, num_axes: int) -> PyTree:
-    if vectors is None:
-      return None
-    return jax.tree.map(
-        lambda v, s: _placement.sharding_or(v, _placement.with_batch_axes(s, num_axes, replicated)),
-        vectors, theta0)
-
+  stacked = lambda vectors, num_axes: stacked_shardings(vectors, state.theta0, num_axes,
+                                                        replicated)
   hessian_vectors = state.hessian_vectors
   if isinstance(hessian_vectors, block_hessian.LowRankVectors):
     # Factor rows and canonical blocks are not parameter-shaped (a few KB per

@@ -105,16 +105,33 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
   takes precedence over ``key``. The result's ``vector`` is always filled,
   for the next warm start.
 
-  ``screen_iters = s``: a screen for warm starts. The first ``s`` Lanczos
-  steps use an ``(s + 1)``-vector Krylov basis; only when their Ritz
-  residual is above ``tol · |θ|`` does restarted Lanczos (basis
-  ``krylov_dim``) continue from their Ritz vector, within the same
-  ``num_iters`` budget. The stopping rule and the quantity are those of the
-  plain run. Both stages keep vectors as pytrees of the parameters' shapes
-  (the plain run ravels them at every product, which on CPU costs more than
-  a product at a few steps). From a start close to the top eigenvector (the
-  previous snapshot's) the run ends within the screen, without the full
-  basis to clear, reorthogonalise against and combine.
+  ``screen_iters = s``: a screen for warm starts. The first Lanczos cycle
+  stops after ``s`` steps; only when its Ritz residual is above
+  ``tol · |θ|`` does restarted Lanczos (basis ``krylov_dim``) continue from
+  its Ritz vector, within the same ``num_iters`` budget. The stopping rule
+  and the quantity are those of the plain run. From a start close to the top
+  eigenvector (the previous snapshot's) the run ends within the screen.
+  """
+  estimate, _ = loss_sharpness_and_basis(apply_fn, params, x, y, loss=loss,
+                                         num_iters=num_iters, tol=tol, key=key, init=init,
+                                         krylov_dim=krylov_dim, screen_iters=screen_iters,
+                                         basis=None)
+  return estimate
+
+
+def loss_sharpness_and_basis(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
+                             basis: PyTree | None, loss: losses.LossLike = "mse",
+                             num_iters: int = 100, tol: float = 1e-4,
+                             key: jax.Array | None = None, init: PyTree | None = None,
+                             krylov_dim: int | None = None, screen_iters: int | None = None
+                             ) -> tuple[NormEstimate, PyTree]:
+  """:func:`loss_sharpness_core` on a Krylov basis storage kept between calls.
+
+  ``basis``: :func:`ntk_diag._lanczos.zero_basis` of ``(params, num_iters,
+  krylov_dim)`` at first, then the previous call's (``None``: zeros made
+  here). Returns ``(estimate, basis)``, the storage after the solve; a caller
+  that donates it to its next call allocates no basis per solve (see
+  :mod:`ntk_diag._lanczos`).
   """
 
   def mean_loss(p):
@@ -127,9 +144,10 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
     init = jax.tree.map(lambda v, p: jnp.asarray(v, p.dtype), init, params)
   result = spectral.top_eigenpair_core(hvp, init, method="lanczos", which="largest",
                                        num_iters=num_iters, tol=tol, krylov_dim=krylov_dim,
-                                       screen_dim=screen_iters)
-  return NormEstimate(value=result.value, per_example=None, iterations=result.iterations,
-                      converged=result.converged, vector=result.vector)
+                                       screen_dim=screen_iters, basis=basis)
+  estimate = NormEstimate(value=result.value, per_example=None, iterations=result.iterations,
+                          converged=result.converged, vector=result.vector)
+  return estimate, result.basis
 
 
 _loss_sharpness_jit = jax.jit(loss_sharpness_core,

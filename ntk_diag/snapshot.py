@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ntk_diag import _lanczos
 from ntk_diag import _layout
 from ntk_diag import _model
 from ntk_diag import _placement
@@ -60,6 +61,7 @@ from ntk_diag import twin
 from ntk_diag.diag_state import DiagState
 from ntk_diag.diag_state import SnapshotSpec
 from ntk_diag.diag_state import hessian_layout
+from ntk_diag.diag_state import stacked_shardings
 from ntk_diag.diag_state import state_shardings
 from ntk_diag.kernel_stats import kernel_stats
 from ntk_diag.kernel_stats import safe_div
@@ -98,14 +100,19 @@ def _kernel(spec: SnapshotSpec, params: PyTree, x: PyTree, model_state: PyTree, 
 
 
 def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree,
-             step: jax.Array, twin_params: PyTree, has_twin: jax.Array
-             ) -> tuple[DiagState, dict[str, jax.Array]]:
-  """One snapshot at ``params`` (with ``model_state``) at ``step``: ``(state, metrics)``.
+             step: jax.Array, twin_params: PyTree, has_twin: jax.Array,
+             sharpness_basis: PyTree | None = None
+             ) -> tuple[DiagState, dict[str, jax.Array], PyTree | None]:
+  """One snapshot at ``params`` (with ``model_state``) at ``step``: ``(state, metrics, basis)``.
 
   ``twin_params`` are the lockstep twin's parameters θ̃ when ``has_twin``
   (anything of params' structure otherwise). ``metrics`` maps tag names to
   scalars, plus ``"eigenvalues"`` (NTK group). A non-finite snapshot leaves the
   references of the next one (previous kernel and step, warm starts) as they were.
+  ``sharpness_basis``: storage for the sharpness's Krylov basis, zeros
+  (:func:`sharpness_basis`) or the previous snapshot's ``basis`` (returned
+  after the solve; ``None`` when not given): kept and donated between
+  snapshots, the program allocates no (m + 1)-vector buffer per snapshot.
   """
   cfg = spec.config
   init = ~state.initialized
@@ -189,13 +196,12 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     # overweights its diagonal (η·sharpness 2.45 on 4 of the demo's points vs
     # 1.00 on all 256 training points).
     with jax.named_scope("sharpness"):
-      sharp = sharpness.loss_sharpness_core(f_loop, params, x, y, loss=spec.loss,
-                                            num_iters=cfg.num_iters, tol=cfg.tol,
-                                            krylov_dim=cfg.sharpness_krylov_dim,
-                                            key=jax.random.key(cfg.seed + 2),
-                                            init=state.sharpness_vector,
-                                            screen_iters=(cfg.sharpness_screen_iters
-                                                          if spec.warm_start else None))
+      sharp, basis = sharpness.loss_sharpness_and_basis(
+          f_loop, params, x, y, loss=spec.loss, num_iters=cfg.num_iters, tol=cfg.tol,
+          krylov_dim=cfg.sharpness_krylov_dim, key=jax.random.key(cfg.seed + 2),
+          init=state.sharpness_vector, basis=sharpness_basis,
+          screen_iters=cfg.sharpness_screen_iters if spec.warm_start else None)
+    sharpness_basis = None if sharpness_basis is None else basis
     metrics["sharpness"] = sharp.value
     if spec.learning_rate is not None:
       metrics["sharpness_lr"] = spec.learning_rate * sharp.value
@@ -227,7 +233,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   new_state = dataclasses.replace(state, **{
       name: _select(keep, value, getattr(state, name)) if name in _REFERENCES else value
       for name, value in updates.items()})
-  return new_state, metrics
+  return new_state, metrics, sharpness_basis
 
 
 _REFERENCES = frozenset({"prev_kernel", "jacobian_vectors", "hessian_vectors", "hessian_values",
@@ -247,6 +253,25 @@ def _select(keep: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
+def sharpness_basis(spec: SnapshotSpec, theta0: PyTree) -> PyTree | None:
+  """Zero storage for the sharpness's Krylov basis (``sharpness_krylov_dim + 1``
+  parameter-sized vectors, NumPy), held across snapshots when warm starts are
+  (``spec.warm_start``) and it fits ``warm_start_bytes``; else ``None``.
+
+  Kept and donated between snapshots, it is no temporary of the program: on
+  CPU the 669k-parameter MLP's snapshot then needs 21 instead of 45 MB of
+  temporaries, which glibc serves from its heap instead of fresh pages
+  (~10k page faults per snapshot before; measured 2026-11-29).
+  """
+  cfg = spec.config
+  if not (spec.compute_norms and spec.warm_start):
+    return None
+  basis = _lanczos.zero_basis(theta0, cfg.num_iters, cfg.sharpness_krylov_dim)
+  if sum(a.nbytes for a in jax.tree.leaves(basis)) > cfg.warm_start_bytes:
+    return None
+  return basis
+
+
 class Snapshotter:
   """:func:`snapshot` compiled once for a run, with the shardings of its first call.
 
@@ -259,28 +284,63 @@ class Snapshotter:
   fetch the metrics (a multi-process run included).
   Later calls place their arguments on the input shardings (a no-op when they
   already match), so params of any sharding never recompile it.
+
+  The sharpness's Krylov basis storage (:func:`sharpness_basis`) is held
+  here, sharded like the warm-start vectors, and donated to every call,
+  which returns it; it goes back to zeros after a non-finite snapshot (stale
+  rows must be finite) or a call that failed.
   """
 
   def __init__(self, spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: PyTree):
     self.spec = spec
     replicated = _placement.reference_sharding(params, model_state, state)
     shardings = state_shardings(state, replicated)
-    self._fn = jax.jit(functools.partial(_snapshot_entry, spec),
-                       out_shardings=(shardings, replicated))
     state = _placement.put(state, shardings)
-    args = (state, params, model_state, np.asarray(0, np.int32), params, np.asarray(False))
+    zeros = sharpness_basis(spec, state.theta0)
+    basis_shardings = stacked_shardings(zeros, state.theta0, 1, replicated)
+    self._basis_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), zeros)
+    self._basis_shardings = basis_shardings
+    self._basis = None
+    self._nonfinite: jax.Array | None = None  # the flag of the snapshot that wrote the basis
+    self._fn = jax.jit(functools.partial(_snapshot_entry, spec),
+                       out_shardings=(shardings, replicated, basis_shardings),
+                       donate_argnums=6)
+    args = (state, params, model_state, np.asarray(0, np.int32), params, np.asarray(False),
+            self._fresh_basis())
     cpu = all(d.platform == "cpu" for d in replicated.device_set)
     self._compiled = self._fn.lower(*args).compile(
         compiler_options=CPU_COMPILER_OPTIONS if cpu else None)
     self._shardings = self._compiled.input_shardings[0]
+
+  def _fresh_basis(self) -> PyTree:
+    if self._basis_shapes is None:
+      return None
+    zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self._basis_shapes)
+    return _placement.put(zeros, self._basis_shardings)
+
+  def _take_basis(self) -> PyTree:
+    """The kept basis storage, or zeros if there is none, it is deleted (a call
+    that donated it failed) or the snapshot that wrote it was non-finite."""
+    basis = self._basis
+    self._basis = None
+    if basis is None or any(a.is_deleted() for a in jax.tree.leaves(basis)):
+      return self._fresh_basis()
+    if self._nonfinite is not None and _placement.to_host(self._nonfinite) != 0:
+      return self._fresh_basis()
+    return basis
 
   def __call__(self, state: DiagState, params: PyTree, model_state: PyTree, step: int,
                twin_params: PyTree = None) -> tuple[DiagState, dict[str, jax.Array]]:
     has_twin = twin_params is not None
     args = (state, params, model_state, np.asarray(step, np.int32),
             state.theta0 if twin_params is None else twin_params, np.asarray(has_twin))
-    return self._compiled(*_placement.put(args, self._shardings))
+    args = _placement.put(args, self._shardings[:6]) + (self._take_basis(),)
+    state, metrics, self._basis = self._compiled(*args)
+    self._nonfinite = metrics["nonfinite"]
+    return state, metrics
 
 
-def _snapshot_entry(spec, state, params, model_state, step, twin_params, has_twin):
-  return snapshot(spec, state, params, model_state, step, twin_params, has_twin)
+def _snapshot_entry(spec, state, params, model_state, step, twin_params, has_twin,
+                    sharpness_basis):
+  return snapshot(spec, state, params, model_state, step, twin_params, has_twin,
+                  sharpness_basis)

@@ -99,12 +99,13 @@ def top_eigenpair(operator: Any, init: PyTree, *, method: str = "power",
 
 
 def top_eigenpair_core(matvec, init, *, method, which, num_iters, tol, krylov_dim=None,
-                       screen_dim=None) -> EigResult:
+                       screen_dim=None, basis=None) -> EigResult:
   """:func:`top_eigenpair` without validation (for callers that validated);
-  ``screen_dim``: see :func:`ntk_diag._lanczos.lanczos_core` (Lanczos only)."""
+  ``screen_dim``, ``basis``: see :func:`ntk_diag._lanczos.lanczos_core` (Lanczos only)."""
   if method == "lanczos":
     result = _lanczos.lanczos_core(matvec, init, num_iters=num_iters, tol=tol,
-                                   krylov_dim=krylov_dim, which=which, screen_dim=screen_dim)
+                                   krylov_dim=krylov_dim, which=which, screen_dim=screen_dim,
+                                   basis=basis)
     if which == "magnitude":
       result = dataclasses.replace(result, value=jnp.abs(result.value))
     return result

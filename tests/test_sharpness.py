@@ -103,3 +103,29 @@ def test_snapshot_config_rejects_bad_sharpness_screen(value, error):
   from ntk_diag.diag_state import SnapshotConfig
   with pytest.raises(error, match="sharpness_screen_iters"):
     SnapshotConfig(sharpness_screen_iters=value).validate()
+
+
+def test_snapshotter_keeps_the_basis_and_drops_it_after_a_nonfinite_snapshot():
+  # The compiled snapshot keeps the sharpness's Krylov basis storage between
+  # calls (donated); after a NaN snapshot its rows hold NaN and must not reach
+  # the next solve (0 · NaN in the masked combinations).
+  from ntk_diag import diag_state
+  from ntk_diag import snapshot
+  apply_fn, params, x, y = _problem(seed=4)
+  spec = diag_state.SnapshotSpec(apply_fn=apply_fn, with_model_state=False,
+                                 config=diag_state.SnapshotConfig(num_iters=60, tol=1e-5),
+                                 norm_examples=2, compute_ntk=False, compute_twin=False,
+                                 warm_start=True)
+  state = diag_state.initial_state(spec, params, None, x, np.asarray(y), step=0)
+  run = snapshot.Snapshotter(spec, state, params, None)
+  moved = jax.tree.map(lambda a: 1.1 * a, params)
+  nan = dict(params, w=params["w"].at[0, 0].set(jnp.nan))
+  values = []
+  for step, p in enumerate([params, moved, nan, params, moved]):
+    state, metrics = run(state, p, None, step)
+    values.append(float(metrics["sharpness"]))
+  assert run._basis is not None  # kept between calls
+  assert np.isnan(values[2])
+  for value, p in zip(values[:2] + values[3:], [params, moved, params, moved]):
+    expected = _dense_spectrum(apply_fn, p, x, y, "mse")[-1]
+    assert abs(value / expected - 1) <= 1e-4  # tol 1e-5; measured <= 3e-7
