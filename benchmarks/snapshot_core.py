@@ -23,9 +23,9 @@ timed interleaved in one process (:mod:`_timing`), with the compile time of each
 * ``jacobian_norm_core``, per example, on the first ``NORM_EXAMPLES`` (16) probes;
 * ``hessian_norm_core`` on the same 16 probes × 10 outputs (power, ≤ 20
   iterations, tol 1e-3 as in ``SnapshotConfig``): cold (random start, every
-  problem solved in full), and warm + screened (3 iterations on every problem
-  from the previous call's vectors, then the refinement) with factored
-  vectors, as the snapshot does after its first call;
+  problem solved in full), and warm + screened (``hessian_screen_iters``
+  iterations on every problem from the previous call's vectors, then the
+  refinement) with factored vectors, as the snapshot does after its first call;
 * one SGD training step (the unit of the CNN target).
 
 Targets (issue 15): MLP snapshot ≤ 3× the traced NTK; CNN snapshot ≤ 0.5 s or
@@ -197,7 +197,7 @@ def run(name: str, repeats: int = 5) -> dict:
       f"jacobian_norm_core per example, {NORM_EXAMPLES} probes": lambda: jac_j(params1, x_norm),
       f"hessian_norm_core {NORM_EXAMPLES}×{k}, cold (full solve)":
           lambda: cold_j(params1, x_norm, key),
-      f"hessian_norm_core {NORM_EXAMPLES}×{k}, warm + screened (3 it.)"
+      f"hessian_norm_core {NORM_EXAMPLES}×{k}, warm + screened ({cfg.hessian_screen_iters} it.)"
       + (", factored vectors" if layout is not None else ", dense vectors"):
           lambda: screened_j(params1, x_norm, previous.vector, previous.per_problem).value,
       f"loss_sharpness_core, all probes, warm (Lanczos ≤ {cfg.num_iters}, "

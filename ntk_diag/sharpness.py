@@ -112,32 +112,35 @@ def loss_sharpness_core(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Ar
   and the quantity are those of the plain run. From a start close to the top
   eigenvector (the previous snapshot's) the run ends within the screen.
   """
-  estimate, _ = loss_sharpness_and_basis(apply_fn, params, x, y, loss=loss,
-                                         num_iters=num_iters, tol=tol, key=key, init=init,
-                                         krylov_dim=krylov_dim, screen_iters=screen_iters,
-                                         basis=None)
+  estimate, _, _ = loss_sharpness_solve(apply_fn, params, x, y, loss=loss,
+                                        num_iters=num_iters, tol=tol, key=key, init=init,
+                                        krylov_dim=krylov_dim, screen_iters=screen_iters,
+                                        basis=None)
   return estimate
 
 
-def loss_sharpness_and_basis(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
-                             basis: PyTree | None, loss: losses.LossLike = "mse",
-                             num_iters: int = 100, tol: float = 1e-4,
-                             key: jax.Array | None = None, init: PyTree | None = None,
-                             krylov_dim: int | None = None, screen_iters: int | None = None
-                             ) -> tuple[NormEstimate, PyTree]:
-  """:func:`loss_sharpness_core` on a Krylov basis storage kept between calls.
+def loss_sharpness_solve(apply_fn: Callable, params: PyTree, x: PyTree, y: jax.Array, *,
+                         basis: PyTree | None, loss: losses.LossLike = "mse",
+                         num_iters: int = 100, tol: float = 1e-4,
+                         key: jax.Array | None = None, init: PyTree | None = None,
+                         krylov_dim: int | None = None, screen_iters: int | None = None
+                         ) -> tuple[NormEstimate, PyTree, jax.Array]:
+  """:func:`loss_sharpness_core`, and what a caller of it every snapshot may keep.
 
-  ``basis``: :func:`ntk_diag._lanczos.zero_basis` of ``(params, num_iters,
-  krylov_dim)`` at first, then the previous call's (``None``: zeros made
-  here). Returns ``(estimate, basis)``, the storage after the solve; a caller
-  that donates it to its next call allocates no basis per solve (see
-  :mod:`ntk_diag._lanczos`).
+  ``basis``: the Krylov basis storage, :func:`ntk_diag._lanczos.zero_basis`
+  of ``(params, num_iters, krylov_dim)`` at first, then the previous call's
+  (``None``: zeros made here). Returns ``(estimate, basis, outputs)``: the
+  storage after the solve (donated to the next call, no basis is allocated
+  per solve; see :mod:`ntk_diag._lanczos`) and ``apply_fn(params, x)``,
+  which the linearisation computes anyway.
   """
 
   def mean_loss(p):
-    return losses.mean(loss, apply_fn(p, x), y)
+    outputs = apply_fn(p, x)
+    return losses.mean(loss, outputs, y), outputs
 
-  _, hvp = jax.linearize(jax.grad(mean_loss), params)  # forward-over-reverse
+  # Forward-over-reverse; the outputs come out of the primal pass.
+  _, hvp, outputs = jax.linearize(jax.grad(mean_loss, has_aux=True), params, has_aux=True)
   if init is None:
     init = _tree.tree_random_normal_like(jax.random.PRNGKey(0) if key is None else key, params)
   else:
@@ -147,7 +150,7 @@ def loss_sharpness_and_basis(apply_fn: Callable, params: PyTree, x: PyTree, y: j
                                        screen_dim=screen_iters, basis=basis)
   estimate = NormEstimate(value=result.value, per_example=None, iterations=result.iterations,
                           converged=result.converged, vector=result.vector)
-  return estimate, result.basis
+  return estimate, result.basis, outputs
 
 
 _loss_sharpness_jit = jax.jit(loss_sharpness_core,

@@ -120,11 +120,28 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   x, y = state.probe_x, state.probe_y
   n = y.shape[0]
   m = spec.norm_examples
-  outputs = f(params, x)
-  k = outputs[0].size
-  f0 = jnp.where(init, outputs, state.f0)
   x_m = _model.take(x, jnp.arange(m))
   y_m = y[:m]
+  sharp = None
+  if spec.compute_norms:
+    # Solver loops apply the model's derivatives: there, the model with its
+    # convolutions as products on patches (same values, far faster on CPU).
+    f_loop = structured.model_by_patches(f, params, x_m)
+    # Sharpness on every probe point: on a few points the mean loss's Hessian
+    # overweights its diagonal (η·sharpness 2.45 on 4 of the demo's points vs
+    # 1.00 on all 256 training points).
+    with jax.named_scope("sharpness"):
+      sharp, basis, loop_outputs = sharpness.loss_sharpness_solve(
+          f_loop, params, x, y, loss=spec.loss, num_iters=cfg.num_iters, tol=cfg.tol,
+          krylov_dim=cfg.sharpness_krylov_dim, key=jax.random.key(cfg.seed + 2),
+          init=state.sharpness_vector, basis=sharpness_basis,
+          screen_iters=cfg.sharpness_screen_iters if spec.warm_start else None)
+    sharpness_basis = None if sharpness_basis is None else basis
+  # The probe outputs come out of the sharpness's linearisation when its loop
+  # model is the model itself (no convolution replayed by patches).
+  outputs = loop_outputs if sharp is not None and f_loop is f else f(params, x)
+  k = outputs[0].size
+  f0 = jnp.where(init, outputs, state.f0)
   metrics = {"residual_norm": losses.residual_norm(spec.loss, outputs[:m], y_m)}
   metrics.update(weight_change(params, state.theta0))
   updates: dict[str, Any] = {"f0": f0, "initialized": jnp.ones((), bool)}
@@ -159,11 +176,8 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
       updates["infinite_kernel"] = kernel_inf
 
   if spec.compute_norms:
-    # Solver loops apply the model's derivatives: there, the model with its
-    # convolutions as products on patches (same values, far faster on CPU).
     # The factored Hessian keeps `f`: its products use patches already, and
     # its warm-start vectors have the layout of `f`.
-    f_loop = structured.model_by_patches(f, params, x_m)
     f_hessian = f if hessian_layout(spec, params, model_state, x) is not None else f_loop
     options = norms.SolverOptions(num_iters=cfg.num_iters, tol=cfg.tol, method=cfg.norm_method,
                                   return_vector=spec.warm_start,
@@ -192,16 +206,6 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     metrics["lazy_radius"] = lazy_radius
     metrics["lazy_radius_ratio"] = radius.lazy_radius_ratio(params, state.theta0, lazy_radius)
     updates["lazy_radius"] = lazy_radius
-    # Sharpness on every probe point: on a few points the mean loss's Hessian
-    # overweights its diagonal (η·sharpness 2.45 on 4 of the demo's points vs
-    # 1.00 on all 256 training points).
-    with jax.named_scope("sharpness"):
-      sharp, basis = sharpness.loss_sharpness_and_basis(
-          f_loop, params, x, y, loss=spec.loss, num_iters=cfg.num_iters, tol=cfg.tol,
-          krylov_dim=cfg.sharpness_krylov_dim, key=jax.random.key(cfg.seed + 2),
-          init=state.sharpness_vector, basis=sharpness_basis,
-          screen_iters=cfg.sharpness_screen_iters if spec.warm_start else None)
-    sharpness_basis = None if sharpness_basis is None else basis
     metrics["sharpness"] = sharp.value
     if spec.learning_rate is not None:
       metrics["sharpness_lr"] = spec.learning_rate * sharp.value
