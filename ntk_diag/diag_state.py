@@ -115,6 +115,7 @@ class SnapshotSpec:
     loss: the loss of :mod:`ntk_diag.losses` (``residual_norm`` is its output gradient).
     norm_examples: probe points (the first ones) of the norm group, ≥ 1.
     compute_ntk, compute_norms, compute_twin: which groups are computed.
+    compute_sharpness: with ``compute_norms``, whether the sharpness is.
     alignment: whether ``kernel_alignment`` is defined (targets shaped like outputs).
     warm_start: whether the norm solvers keep their vectors between snapshots.
     learning_rate: ``η`` of ``sharpness_lr = η · sharpness`` (``None``: not logged).
@@ -129,6 +130,7 @@ class SnapshotSpec:
   compute_ntk: bool = True
   compute_norms: bool = True
   compute_twin: bool = True
+  compute_sharpness: bool = True
   alignment: bool = True
   warm_start: bool = True
   learning_rate: float | None = None
@@ -235,7 +237,7 @@ def initial_state(spec: SnapshotSpec, theta0: PyTree, model_state0: PyTree, prob
       shapes = jax.eval_shape(lambda: block_hessian.zeros(layout, theta0, (m, k)))
       hess_vectors = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     hess_values = np.full((m, k), np.inf, dtype)
-    sharpness_vector = batched(())
+    sharpness_vector = batched(()) if spec.compute_sharpness else None
   return DiagState(
       theta0=theta0, model_state0=model_state0, probe_x=probe_x, probe_y=probe_y,
       initialized=np.asarray(False), f0=zeros((n,) + out_shape),

@@ -123,6 +123,11 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     compute_norms: Jacobian / Hessian norms, κ and the lazy radius.
     compute_twin: gap between the network and its linearization at θ0 (and
       the lockstep twin's distances when called with ``twin_params``).
+    compute_sharpness: with ``compute_norms``, also ``sharpness`` (and
+      ``sharpness_lr``): a Lanczos run on the mean loss's Hessian over every
+      probe point, the norm group's most expensive part (at least two
+      Hessian-vector products over all probes per snapshot: on the benchmark
+      MLP about 1.4 traced NTKs of time, a third of the snapshot).
     config: cost and method options, see :class:`ntk_diag.diag_state.SnapshotConfig`.
     log_images: also write the NTK heatmap and spectrum plot as images.
     images_every: write the images at every ``images_every``-th snapshot
@@ -141,7 +146,7 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
                learning_rate: float | None = None, infinite: Any = None,
                max_overhead: float | None = None,
                compute_ntk: bool = True, compute_norms: bool = True, compute_twin: bool = True,
-               config: diag_state.SnapshotConfig | None = None,
+               compute_sharpness: bool = True, config: diag_state.SnapshotConfig | None = None,
                log_images: bool = True, images_every: int = 10, strict: bool = False,
                clock: Callable[[], float] = time.monotonic):
     _validation.check_callable("apply_fn", apply_fn)
@@ -168,7 +173,8 @@ class LazyTrainingHook(periodic_actions.PeriodicAction):
     self._config = config or diag_state.SnapshotConfig()
     self._config.validate()
     self._groups = dict(compute_ntk=bool(compute_ntk), compute_norms=bool(compute_norms),
-                        compute_twin=bool(compute_twin))
+                        compute_twin=bool(compute_twin),
+                        compute_sharpness=bool(compute_norms and compute_sharpness))
     self._apply_fn = apply_fn
     self._probe_x = probe_x
     self._probe_y = probe_y

@@ -28,9 +28,9 @@ first ``m = norm_examples`` points:
 * norms group, on ``X_m``: ``jacobian_norm``, ``hessian_norm``, ``kappa``
   (Chizat et al. 2019), ``lazy_radius = σ_min(J_{X_m}(θ0)) / (2‖∇²f(θ0)‖)``
   (the lecture's radius ``B = σ_min/2γ``),
-  ``lazy_radius_ratio = ‖θ − θ0‖ / lazy_radius``; and on all of ``X``,
-  ``sharpness`` (the top eigenvalue of the Hessian of the mean loss) and,
-  with a learning rate, ``sharpness_lr = η · sharpness``.
+  ``lazy_radius_ratio = ‖θ − θ0‖ / lazy_radius``; and on all of ``X``
+  (with ``compute_sharpness``), ``sharpness`` (the top eigenvalue of the
+  Hessian of the mean loss) and, with a learning rate, ``sharpness_lr = η · sharpness``.
 * twin group: ``twin_gap = ‖f(θ) − f_lin(θ)‖ / ‖f(θ) − f(θ0)‖`` on ``X``
   (0 when ``f(θ) = f(θ0)``); with the lockstep twin's ``θ̃``,
   ``twin_distance`` and ``twin_param_distance`` (:func:`ntk_diag.twin.twin_distances`).
@@ -123,10 +123,12 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
   x_m = _model.take(x, jnp.arange(m))
   y_m = y[:m]
   sharp = None
+  f_loop = f
   if spec.compute_norms:
     # Solver loops apply the model's derivatives: there, the model with its
     # convolutions as products on patches (same values, far faster on CPU).
     f_loop = structured.model_by_patches(f, params, x_m)
+  if spec.compute_norms and spec.compute_sharpness:
     # Sharpness on every probe point: on a few points the mean loss's Hessian
     # overweights its diagonal (η·sharpness 2.45 on 4 of the demo's points vs
     # 1.00 on all 256 training points).
@@ -206,12 +208,15 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
     metrics["lazy_radius"] = lazy_radius
     metrics["lazy_radius_ratio"] = radius.lazy_radius_ratio(params, state.theta0, lazy_radius)
     updates["lazy_radius"] = lazy_radius
-    metrics["sharpness"] = sharp.value
-    if spec.learning_rate is not None:
-      metrics["sharpness_lr"] = spec.learning_rate * sharp.value
+    if sharp is not None:
+      metrics["sharpness"] = sharp.value
+      if spec.learning_rate is not None:
+        metrics["sharpness_lr"] = spec.learning_rate * sharp.value
     if spec.warm_start:
       updates.update(jacobian_vectors=jac.vector, hessian_vectors=hess.vector,
-                     hessian_values=hess.per_problem, sharpness_vector=sharp.vector)
+                     hessian_values=hess.per_problem)
+      if sharp is not None:
+        updates["sharpness_vector"] = sharp.vector
 
   if spec.compute_twin:
     with jax.named_scope("twin"):
@@ -268,7 +273,7 @@ def sharpness_basis(spec: SnapshotSpec, theta0: PyTree) -> PyTree | None:
   (~10k page faults per snapshot before; measured 2026-11-29).
   """
   cfg = spec.config
-  if not (spec.compute_norms and spec.warm_start):
+  if not (spec.compute_norms and spec.compute_sharpness and spec.warm_start):
     return None
   basis = _lanczos.zero_basis(theta0, cfg.num_iters, cfg.sharpness_krylov_dim)
   if sum(a.nbytes for a in jax.tree.leaves(basis)) > cfg.warm_start_bytes:

@@ -182,6 +182,27 @@ def test_every_logged_scalar_at_uneven_steps_matches_dense_float64(tmp_path):
   assert hook.last.step == 11
 
 
+def test_without_the_sharpness_every_other_scalar_matches_dense_float64(tmp_path):
+  apply_fn, params, x, y = _problem()
+  m = 4
+  hook = nd.LazyTrainingHook(apply_fn, x, y, workdir=str(tmp_path), on_steps=[0, 3],
+                             norm_examples=m, config=EXACT, strict=True,
+                             learning_rate=LEARNING_RATE, compute_sharpness=False)
+  saved = _train(apply_fn, params, x, y, hook, 4)
+  logged = read_scalars(tmp_path)
+  prev_kernel = None
+  for step, (p, _) in sorted(saved.items()):
+    expected, prev_kernel = reference_scalars(apply_fn, p, params, x, y, m=m,
+                                              prev=(prev_kernel, max(step, 1)))
+    del expected["sharpness"], expected["sharpness_lr"]
+    if step == 0:
+      expected["kernel_velocity"] = 0.0
+    at_step = {tag[len("ntk_diag/"):]: values[step] for tag, values in logged.items()
+               if step in values}
+    _check(at_step, expected, step)
+    assert set(at_step) == set(expected) - {"eigenvalues"} | {"nonfinite", "failed"}
+
+
 class TinyCNN(nn.Module):
   @nn.compact
   def __call__(self, x):
