@@ -51,9 +51,9 @@ class EigResult:
       Lanczos, an invariant subspace was found) within ``num_iters``.
     residual: ``‖B v − θ v‖`` of the operator ``B`` actually iterated (``A``,
       or ``A²`` for power iteration with ``which="magnitude"``).
-    basis: Lanczos only: the basis storage after the solve (``(m + 1,
-      *leaf)`` leaves), to hand to the next solve as its ``basis``; ``None``
-      for power iteration.
+    basis: Lanczos given a ``basis`` only: the basis storage after the solve
+      (``(m + 1, *leaf)`` leaves), to hand to the next solve as its
+      ``basis``; ``None`` otherwise.
   """
   value: jax.Array
   vector: PyTree
@@ -225,19 +225,22 @@ def lanczos_core(matvec, init, *, num_iters, tol, krylov_dim=None, which="larges
   from its Ritz vector only when it has not converged; ``None``: none.
   ``basis``: the basis storage, e.g. :func:`zero_basis` or the previous
   solve's ``EigResult.basis`` (any finite values: rows not yet written by a
-  cycle are masked); ``None``: zeros made here.
+  cycle are masked); ``None``: zeros made here, and not returned
+  (``EigResult.basis`` is then ``None``: no (m + 1)-vector array outlives the solve).
   """
   m = krylov_dim_of(init, num_iters, krylov_dim)
   first = None if screen_dim is None or screen_dim >= min(m, num_iters) else screen_dim
   leaves, treedef = jax.tree.flatten(init)
-  if basis is None:
-    basis = [jnp.zeros((m + 1,) + a.shape, a.dtype) for a in leaves]
-  else:
+  keep = basis is not None
+  if keep:
     basis = [jnp.asarray(b, a.dtype) for b, a in zip(treedef.flatten_up_to(basis), leaves)]
+  else:
+    basis = [jnp.zeros((m + 1,) + a.shape, a.dtype) for a in leaves]
   tree_matvec = lambda u: jax.tree.leaves(matvec(jax.tree.unflatten(treedef, u)))
   cycle = lambda basis, start, budget: _cycle(tree_matvec, basis, start, m=m, budget=budget,
                                               tol=tol, which=which)
   basis, vector, theta, residual, j, done = _restarted(cycle, basis, _unit(leaves, leaves),
                                                        num_iters, first)
   return EigResult(value=theta, vector=jax.tree.unflatten(treedef, vector), iterations=j,
-                   converged=done, residual=residual, basis=jax.tree.unflatten(treedef, basis))
+                   converged=done, residual=residual,
+                   basis=jax.tree.unflatten(treedef, basis) if keep else None)

@@ -62,8 +62,8 @@ class SnapshotConfig:
       5.9e-3 vs 2.3e-3; 1 iteration locks onto a lower eigenvalue, 1.1e-2
       low for good), each iteration ~4 ms of a ~75 ms MLP snapshot.
     sharpness_screen_iters: with warm starts, the sharpness's Lanczos run
-      takes this many steps from the previous snapshot's eigenvector with a
-      small basis, and continues (restarted Lanczos, same budget and
+      takes this many steps from the previous snapshot's eigenvector (a
+      short first cycle), and continues (restarted Lanczos, same budget and
       stopping rule) only when their residual is above ``tol``
       (``screen_iters`` of :func:`ntk_diag.sharpness.loss_sharpness_core`).
       ``None``: no screen.
@@ -75,7 +75,9 @@ class SnapshotConfig:
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
       when they fit in this many bytes (``norm_examples · k`` parameter-sized
-      vectors); otherwise every snapshot starts cold.
+      vectors); otherwise every snapshot starts cold. The sharpness's Krylov
+      basis storage (``sharpness_krylov_dim + 1`` parameter-sized vectors) is
+      kept between warm-started snapshots when it fits this budget too.
   """
   ntk_method: str = "auto"
   ntk_trace_outputs: bool = True
