@@ -128,4 +128,4 @@ def test_snapshotter_keeps_the_basis_and_drops_it_after_a_nonfinite_snapshot():
   assert np.isnan(values[2])
   for value, p in zip(values[:2] + values[3:], [params, moved, params, moved]):
     expected = _dense_spectrum(apply_fn, p, x, y, "mse")[-1]
-    assert abs(value / expected - 1) <= 1e-4  # tol 1e-5; measured <= 3e-7
+    assert abs(value / expected - 1) <= 1e-4  # tol 1e-5; measured <= 1.6e-7
