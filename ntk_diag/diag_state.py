@@ -69,9 +69,10 @@ class SnapshotConfig:
       ``None``: no screen.
     sharpness_krylov_dim: Krylov basis size of the sharpness's restarted
       Lanczos run (``krylov_dim`` of
-      :func:`ntk_diag.sharpness.loss_sharpness_core`). Every cycle clears a
-      basis of that many parameter-sized vectors, so a small one keeps the
-      warm runs (a step or two) cheap; ``None``: ``min(num_iters, 32)``.
+      :func:`ntk_diag.sharpness.loss_sharpness_core`). Every Lanczos step
+      reorthogonalises against a basis of that many parameter-sized vectors, so a
+      small one keeps the warm runs (a step or two) cheap; ``None``:
+      ``min(num_iters, 32)``.
     seed: seed of the estimators' random start vectors.
     warm_start_bytes: the eigenvectors of one snapshot warm-start the next
       when they fit in this many bytes (``norm_examples · k`` parameter-sized

@@ -138,7 +138,7 @@ def snapshot(spec: SnapshotSpec, state: DiagState, params: PyTree, model_state: 
           krylov_dim=cfg.sharpness_krylov_dim, key=jax.random.key(cfg.seed + 2),
           init=state.sharpness_vector, basis=sharpness_basis,
           screen_iters=cfg.sharpness_screen_iters if spec.warm_start else None)
-    sharpness_basis = None if sharpness_basis is None else basis
+    sharpness_basis = basis  # None when none was handed in
   # The probe outputs come out of the sharpness's linearisation when its loop
   # model is the model itself (no convolution replayed by patches).
   outputs = loop_outputs if sharp is not None and f_loop is f else f(params, x)
